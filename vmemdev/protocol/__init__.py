@@ -1,0 +1,1 @@
+"""Sans-IO wire formats: vhost-user messages, virtio-mem structs, split rings."""
