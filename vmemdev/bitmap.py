@@ -1,0 +1,94 @@
+"""A block bitmap whose range operations cost the range, not the region.
+
+A 16 TiB region of 2 MiB blocks has 8 Mi blocks: 1 MiB of bits. Requests
+touch at most 65535 blocks, so every per-request operation works on the
+bytes that hold the range only; the popcount is kept up to date instead of
+being recounted.
+"""
+
+from __future__ import annotations
+
+
+class BlockBitmap:
+    def __init__(self, nblocks: int):
+        if nblocks < 0:
+            raise ValueError("negative block count")
+        self.nblocks = nblocks
+        self._bits = bytearray((nblocks + 7) // 8)
+        self.count = 0  # number of set bits
+
+    def _check(self, start: int, n: int) -> None:
+        if start < 0 or n < 0 or start + n > self.nblocks:
+            raise IndexError(f"blocks [{start}, {start + n}) outside 0..{self.nblocks}")
+
+    def _window(self, start: int, n: int) -> tuple[int, int, int]:
+        """(first byte, last byte + 1, bit shift) covering [start, start + n)."""
+        first = start // 8
+        last = (start + n + 7) // 8
+        return first, last, start - first * 8
+
+    def count_range(self, start: int, n: int) -> int:
+        """Number of set blocks in [start, start + n)."""
+        self._check(start, n)
+        if n == 0:
+            return 0
+        first, last, shift = self._window(start, n)
+        word = int.from_bytes(self._bits[first:last], "little") >> shift
+        return (word & ((1 << n) - 1)).bit_count()
+
+    def _write(self, start: int, n: int, value: bool) -> None:
+        self._check(start, n)
+        if n == 0:
+            return
+        first, last, shift = self._window(start, n)
+        word = int.from_bytes(self._bits[first:last], "little")
+        mask = ((1 << n) - 1) << shift
+        before = (word & mask).bit_count()
+        word = word | mask if value else word & ~mask
+        self._bits[first:last] = word.to_bytes(last - first, "little")
+        self.count += (n - before) if value else -before
+
+    def set_range(self, start: int, n: int) -> None:
+        self._write(start, n, True)
+
+    def clear_range(self, start: int, n: int) -> None:
+        self._write(start, n, False)
+
+    def clear_all(self) -> None:
+        self._bits = bytearray(len(self._bits))
+        self.count = 0
+
+    def test(self, index: int) -> bool:
+        self._check(index, 1)
+        return bool(self._bits[index // 8] >> (index % 8) & 1)
+
+    def runs(self):
+        """Yield (start, length) of each run of set blocks, in order.
+
+        Costs the size of the bitmap: for accounting and tests, never for a
+        guest request.
+        """
+        bits = self._bits
+        index = 0
+        n = self.nblocks
+        run_start = None
+        while index < n:
+            byte = bits[index // 8]
+            if index % 8 == 0 and index + 8 <= n and byte in (0, 0xFF):
+                full = byte == 0xFF
+                if full and run_start is None:
+                    run_start = index
+                elif not full and run_start is not None:
+                    yield run_start, index - run_start
+                    run_start = None
+                index += 8
+                continue
+            if byte >> (index % 8) & 1:
+                if run_start is None:
+                    run_start = index
+            elif run_start is not None:
+                yield run_start, index - run_start
+                run_start = None
+            index += 1
+        if run_start is not None:
+            yield run_start, n - run_start

@@ -1,0 +1,167 @@
+"""Split virtqueue (virtio 1.x, little-endian), device side, sans-IO.
+
+Layouts, with ``num`` entries::
+
+    desc[num]   { le64 addr; le32 len; le16 flags; le16 next; }   16 bytes each
+    avail       { le16 flags; le16 idx; le16 ring[num]; le16 used_event; }
+    used        { le16 flags; le16 idx; { le32 id; le32 len; }[num]; le16 avail_event; }
+
+Everything read from these areas is written by the guest and untrusted: the
+walker bounds every chain by ``num`` steps, checks heads and next indices,
+requires readable descriptors before writable ones and refuses indirect
+descriptors (VIRTIO_F_INDIRECT_DESC is not offered). Ring areas are given as
+(buffer, offset) pairs into the mapped guest memory so no buffer export is
+held across memory-table changes.
+
+Ordering: the used element is stored before used.idx. Python performs the two
+stores in program order and x86-64 does not reorder stores, which is what
+the virtio memory model requires of the device here.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import PeerProtocolError
+
+DESC = struct.Struct("<QIHH")
+U16 = struct.Struct("<H")
+USED_ELEM = struct.Struct("<II")
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+
+MAX_QUEUE_SIZE = 32768
+
+
+def desc_table_size(num: int) -> int:
+    return DESC.size * num
+
+
+def avail_ring_size(num: int) -> int:
+    return 4 + 2 * num + 2
+
+
+def used_ring_size(num: int) -> int:
+    return 4 + USED_ELEM.size * num + 2
+
+
+def valid_queue_size(num: int) -> bool:
+    """Split rings need a power-of-two size between 1 and 32768."""
+    return 0 < num <= MAX_QUEUE_SIZE and num & (num - 1) == 0
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """One descriptor: guest-physical address, length, device-writable."""
+
+    addr: int
+    length: int
+    writable: bool
+
+
+@dataclass(frozen=True)
+class Chain:
+    head: int
+    readable: tuple[Buffer, ...]
+    writable: tuple[Buffer, ...]
+
+
+class RingBroken(PeerProtocolError):
+    """The ring itself is inconsistent; processing must stop until restart."""
+
+
+class ChainError(PeerProtocolError):
+    """One descriptor chain is malformed; its head can still be returned."""
+
+    def __init__(self, head: int, reason: str):
+        self.head = head
+        super().__init__(f"descriptor chain at head {head}: {reason}")
+
+
+Area = tuple[object, int]  # (buffer supporting the buffer protocol, offset)
+
+
+class SplitQueue:
+    """Device-side view of one split virtqueue."""
+
+    def __init__(
+        self,
+        num: int,
+        desc: Area,
+        avail: Area,
+        used: Area,
+        last_avail_idx: int = 0,
+        used_idx: int | None = None,
+    ):
+        if not valid_queue_size(num):
+            raise PeerProtocolError(f"queue size {num} is not a power of two in 1..32768")
+        self.num = num
+        self._desc_buf, self._desc_off = desc
+        self._avail_buf, self._avail_off = avail
+        self._used_buf, self._used_off = used
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        # After SET_VRING_BASE the used index equals the avail index we resume at.
+        self.used_idx = (self.last_avail_idx if used_idx is None else used_idx) & 0xFFFF
+
+    def avail_idx(self) -> int:
+        return U16.unpack_from(self._avail_buf, self._avail_off + 2)[0]
+
+    def pending(self) -> int:
+        """How many chains the driver has made available that we have not taken."""
+        pending = (self.avail_idx() - self.last_avail_idx) & 0xFFFF
+        if pending > self.num:
+            raise RingBroken(
+                f"avail.idx is {pending} entries ahead of last_avail_idx "
+                f"{self.last_avail_idx}, more than the queue size {self.num}"
+            )
+        return pending
+
+    def pop_head(self) -> int | None:
+        """Take the next available head, or None when the ring is empty."""
+        if not self.pending():
+            return None
+        slot = self.last_avail_idx % self.num
+        (head,) = U16.unpack_from(self._avail_buf, self._avail_off + 4 + 2 * slot)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        if head >= self.num:
+            raise RingBroken(f"avail ring slot {slot} names head {head} >= queue size {self.num}")
+        return head
+
+    def read_chain(self, head: int, check: Callable[[int, int], None]) -> Chain:
+        """Walk the chain at ``head``; ``check(addr, length)`` validates each buffer."""
+        readable: list[Buffer] = []
+        writable: list[Buffer] = []
+        index = head
+        for _ in range(self.num):
+            addr, length, flags, nxt = DESC.unpack_from(
+                self._desc_buf, self._desc_off + DESC.size * index
+            )
+            if flags & DESC_F_INDIRECT:
+                raise ChainError(head, "indirect descriptor, but INDIRECT_DESC was not offered")
+            buf = Buffer(addr, length, bool(flags & DESC_F_WRITE))
+            if buf.writable:
+                writable.append(buf)
+            elif writable:
+                raise ChainError(head, f"readable descriptor {index} after a writable one")
+            else:
+                readable.append(buf)
+            try:
+                check(addr, length)
+            except PeerProtocolError as exc:
+                raise ChainError(head, f"descriptor {index}: {exc}") from exc
+            if not flags & DESC_F_NEXT:
+                return Chain(head, tuple(readable), tuple(writable))
+            if nxt >= self.num:
+                raise ChainError(head, f"descriptor {index} links to {nxt} >= queue size")
+            index = nxt
+        raise ChainError(head, f"chain longer than the queue size {self.num} (a loop?)")
+
+    def push_used(self, head: int, written: int) -> None:
+        slot = self.used_idx % self.num
+        USED_ELEM.pack_into(self._used_buf, self._used_off + 4 + USED_ELEM.size * slot, head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        U16.pack_into(self._used_buf, self._used_off + 2, self.used_idx)
