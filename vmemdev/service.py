@@ -19,6 +19,7 @@ from .device import BUSY, Answer, Geometry, Plug, Unplug, UnplugAll, VirtioMemDe
 from .errors import GuestMemoryError, NativeError
 from .memory import Backing, GuestMemory
 from .protocol.virtio_mem import MemRequest, MemResponse, RequestType, ResponseType
+from .sizes import format_size
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,6 @@ MISSING_BACKING_HINT = (
     "'acpi_no_memhotplug', and all guest RAM shared "
     "('-object memory-backend-memfd,id=ram,size=...,share=on -machine memory-backend=ram')"
 )
-
-
-def format_size(n: int) -> str:
-    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if n and n % (1 << shift) == 0:
-            return f"{n >> shift}{unit}"
-    return str(n)
 
 
 class DeviceService:

@@ -1,0 +1,308 @@
+"""The Trio layer: the vhost-user socket, one front-end at a time, signals.
+
+It moves bytes and file descriptors; ``BackendSession`` decides what they
+mean. A front-end that breaks the protocol gets a logged error and, where
+it waits for an answer, a failure reply; only a stream we can no longer
+parse (short header, absurd size) closes its connection. Nothing a peer
+sends can stop the daemon.
+
+Reconnect policy: the device (its bitmap, sizes and the memory plugged
+blocks live in) outlives a front-end connection. A new front-end sees the
+same plugged_size; a Linux guest driver that finds plugged memory at probe
+sends UNPLUG_ALL first, which discards through the new memory table.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+
+import trio
+
+from .backend import BackendSession
+from .errors import PeerProtocolError, VmemdevError
+from .protocol import vhost_user as vu
+from .service import DeviceService
+
+log = logging.getLogger(__name__)
+
+FD_BYTES = array.array("i").itemsize
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the stream or sent something we cannot resynchronise after."""
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _take_fds(ancdata, fds: list[int]) -> None:
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % FD_BYTES
+            fds.extend(array.array("i", data[:usable]))
+
+
+async def read_message(sock: trio.socket.SocketType) -> tuple[int, int, bytes, tuple[int, ...]]:
+    """Read one (request, flags, payload, fds); raises ConnectionClosed at EOF.
+
+    A protocol violation in the header (version, size bound, truncated fds)
+    raises PeerProtocolError after closing any fds that came with it; a
+    header we cannot trust to find the next message raises ConnectionClosed.
+    """
+    header = b""
+    fds: list[int] = []
+    truncated = False
+    try:
+        while len(header) < vu.HEADER.size:
+            data, ancdata, flags, _ = await sock.recvmsg(
+                vu.HEADER.size - len(header),
+                socket.CMSG_SPACE(vu.MAX_FDS * FD_BYTES),
+                socket.MSG_CMSG_CLOEXEC,
+            )
+            _take_fds(ancdata, fds)
+            truncated |= bool(flags & socket.MSG_CTRUNC)
+            if not data:
+                if header:
+                    raise ConnectionClosed(f"front-end closed the socket inside a header ({len(header)} of 12 bytes)")
+                raise ConnectionClosed("front-end closed the socket")
+            header += data
+        try:
+            request, flags, size = vu.parse_header(header)
+        except PeerProtocolError as exc:
+            raise ConnectionClosed(f"{exc}; the stream cannot be trusted any more") from exc
+        payload = b""
+        while len(payload) < size:
+            data = await sock.recv(size - len(payload))
+            if not data:
+                raise ConnectionClosed(
+                    f"front-end closed the socket inside {vu.request_name(request)}'s payload"
+                )
+            payload += data
+    except BaseException:
+        _close_all(fds)
+        raise
+    if truncated or len(fds) > vu.MAX_FDS:
+        _close_all(fds)
+        raise PeerProtocolError(f"{vu.request_name(request)}: more file descriptors than {vu.MAX_FDS}")
+    return request, flags, payload, tuple(fds)
+
+
+class FrontendConnection:
+    """One attached front-end (one QEMU) and its session."""
+
+    def __init__(self, sock: trio.socket.SocketType, service: DeviceService):
+        self.sock = sock
+        self.service = service
+        self.session: BackendSession | None = None
+        self._notify_send, self._notify_recv = trio.open_memory_channel(64)
+        self._backend_sock: trio.socket.SocketType | None = None
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self.session = BackendSession(self.service, nursery)
+                self.session.on_backend_fd = self._set_backend_fd
+                self.service.set_notifier(self._queue_config_change)
+                nursery.start_soon(self._send_config_changes)
+                try:
+                    await self._serve_messages()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.service.set_notifier(None)
+            if self.session is not None:
+                self.session.close()
+            if self._backend_sock is not None:
+                self._backend_sock.close()
+            self.sock.close()
+
+    async def _serve_messages(self) -> None:
+        while True:
+            try:
+                request, flags, payload, fds = await read_message(self.sock)
+            except ConnectionClosed as exc:
+                log.info("front-end disconnected: %s", exc)
+                return
+            except PeerProtocolError as exc:
+                log.error("front-end protocol error: %s", exc)
+                continue
+            try:
+                reply = await self._dispatch(request, flags, payload, fds)
+            except ConnectionClosed as exc:
+                log.error("closing the front-end connection: %s", exc)
+                return
+            if reply is not None:
+                await self._send(vu.encode_reply(request, reply))
+
+    async def _dispatch(self, request: int, flags: int, payload: bytes, fds) -> bytes | None:
+        name = vu.request_name(request)
+        try:
+            msg = vu.decode(request, flags, payload, fds)
+        except PeerProtocolError as exc:
+            _close_all(fds)
+            return self._failure(request, flags, exc)
+        log.debug("<- %s %s", name, msg.body if request != vu.Request.GET_CONFIG else "")
+        try:
+            return await self.session.handle(msg)
+        except PeerProtocolError as exc:
+            return self._failure(request, flags, exc)
+
+    def _failure(self, request: int, flags: int, exc: Exception) -> bytes | None:
+        """Log a refused message; answer a failure where the front-end waits for one."""
+        if request in vu.REQUESTS_WITH_REPLY or not vu.is_known(request):
+            # The front-end may be waiting for an answer we cannot give honestly.
+            raise ConnectionClosed(f"front-end protocol error: {exc}")
+        if flags & vu.Flags.NEED_REPLY:
+            log.error("front-end protocol error: %s; answered failure", exc)
+            return vu.encode_u64(1)
+        log.error("front-end protocol error: %s; message ignored", exc)
+        return None
+
+    async def _send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            sent = await self.sock.send(view)
+            view = view[sent:]
+
+    # --- config-change notifications (backend channel) -------------------
+
+    def _set_backend_fd(self, fd: int) -> None:
+        """Take ownership of the SET_BACKEND_REQ_FD socket."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            raise PeerProtocolError(f"SET_BACKEND_REQ_FD: not a socket ({exc})") from exc
+        if self._backend_sock is not None:
+            self._backend_sock.close()
+        self._backend_sock = trio.socket.from_stdlib_socket(sock)
+
+    def _queue_config_change(self) -> None:
+        try:
+            self._notify_send.send_nowait(None)
+        except trio.WouldBlock:
+            log.warning("config notifications are backing up; the driver re-reads config anyway")
+
+    async def _send_config_changes(self) -> None:
+        message = vu.encode(vu.BackendRequest.CONFIG_CHANGE_MSG)  # never NEED_REPLY: see module doc
+        async for _ in self._notify_recv:
+            if self._backend_sock is None:
+                log.warning("no backend channel (SET_BACKEND_REQ_FD): cannot notify the driver")
+                continue
+            try:
+                view = memoryview(message)
+                while view:
+                    view = view[await self._backend_sock.send(view) :]
+                log.info("config change notified to the front-end")
+            except OSError as exc:
+                log.error("cannot send CONFIG_CHANGE_MSG: %s", exc)
+
+
+async def serve_listener(
+    listener: trio.socket.SocketType,
+    service: DeviceService,
+    *,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept front-ends one at a time; refuse a second while one is attached."""
+    busy = False
+
+    async def handle(sock: trio.socket.SocketType) -> None:
+        nonlocal busy
+        busy = True
+        log.info("front-end connected")
+        try:
+            await FrontendConnection(sock, service).run()
+        except VmemdevError as exc:
+            log.error("front-end connection failed: %s", exc)
+        except Exception:
+            log.exception("internal error while serving the front-end; connection closed")
+        finally:
+            busy = False
+            log.info(
+                "front-end detached; device keeps plugged=%d requested=%d",
+                service.device.plugged_size,
+                service.device.requested_size,
+            )
+
+    task_status.started()
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept failed (%s); retrying in 100 ms", exc)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            if busy:
+                log.warning("refused a second front-end connection: this device already has one")
+                sock.close()
+                continue
+            nursery.start_soon(handle, sock)
+
+
+async def bind_unix_listener(path: str) -> trio.socket.SocketType:
+    if os.path.lexists(path):
+        # A stale socket from an earlier run may go; anything else is not ours.
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise VmemdevError(f"{path} exists and is not a socket")
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise VmemdevError(f"cannot listen on {path}: {exc}") from exc
+    sock.listen(4)
+    return sock
+
+
+async def serve(
+    service: DeviceService,
+    *,
+    socket_path: str | None = None,
+    listen_fd: int | None = None,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the device until cancelled or SIGTERM/SIGINT."""
+    if listen_fd is not None:
+        listener = trio.socket.from_stdlib_socket(socket.socket(fileno=listen_fd))
+        where = f"fd {listen_fd}"
+    else:
+        listener = await bind_unix_listener(socket_path)
+        where = socket_path
+    g = service.geometry
+    log.info(
+        "serving virtio-mem on %s: region %#x+%#x, block %#x, requested %#x",
+        where,
+        g.addr,
+        g.region_size,
+        g.block_size,
+        service.device.requested_size,
+    )
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_listener, listener, service)
+                task_status.started()
+                async for signum in signals:
+                    log.info("received %s, exiting", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        listener.close()
+        if listen_fd is None and socket_path and os.path.exists(socket_path):
+            os.unlink(socket_path)

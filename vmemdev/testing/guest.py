@@ -1,0 +1,143 @@
+"""A simulated Linux virtio_mem driver, for tests and the demo.
+
+It reacts to the device as drivers/virtio/virtio_mem.c does in sub-block
+mode: UNPLUG_ALL at probe when something is plugged, plugs toward
+requested_size in requests of at most one Linux memory block (128 MiB),
+lowest addresses first, unplugs from the top when requested falls, retries
+NACK by re-reading config, backs off on BUSY, and stops for good on ERROR
+("device marked broken"). Plugged memory is written like RAM a guest uses,
+so the host footprint is real.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ..protocol.virtio_mem import ResponseType
+from .frontend import Frontend
+
+log = logging.getLogger(__name__)
+
+LINUX_MEMORY_BLOCK = 128 << 20
+
+
+class DeviceBroken(Exception):
+    pass
+
+
+class SimulatedLinuxGuest:
+    def __init__(self, frontend: Frontend, touch: bool = True, busy_backoff: float = 0.05):
+        self.fe = frontend
+        self.touch = touch
+        self.busy_backoff = busy_backoff
+        self.plugged: set[int] = set()  # block indexes
+        self.config = None
+        self.busy_count = 0
+
+    async def probe(self) -> None:
+        self.config = await self.fe.get_config()
+        if self.config.plugged_size:
+            while (resp := await self.fe.unplug_all()) == ResponseType.BUSY:
+                await trio.sleep(self.busy_backoff)
+            if resp != ResponseType.ACK:
+                raise DeviceBroken(f"UNPLUG_ALL answered {ResponseType(resp).name}")
+        self.plugged.clear()
+        self.config = await self.fe.get_config()
+
+    def _chunk(self) -> int:
+        return max(1, LINUX_MEMORY_BLOCK // self.config.block_size)
+
+    def _block_gpa(self, index: int) -> int:
+        return self.config.addr + index * self.config.block_size
+
+    def _pattern(self, index: int) -> bytes:
+        return index.to_bytes(8, "little") * 512  # 4 KiB
+
+    def _write_block(self, index: int) -> None:
+        bs = self.config.block_size
+        data = self._pattern(index) * (bs // 4096)
+        self.fe.ram.write(self._block_gpa(index), data)
+
+    def check_contents(self) -> None:
+        """Every plugged block still holds what the guest wrote into it."""
+        if not self.touch:
+            return
+        for index in sorted(self.plugged):
+            data = self.fe.ram.read(self._block_gpa(index), self.config.block_size)
+            if data != self._pattern(index) * (self.config.block_size // 4096):
+                raise AssertionError(f"plugged block {index} lost its contents")
+
+    async def reconcile(self) -> None:
+        """Plug or unplug until plugged_size matches requested_size (or the device says no)."""
+        while True:
+            self.config = cfg = await self.fe.get_config()
+            bs = cfg.block_size
+            plugged = len(self.plugged) * bs
+            if plugged < cfg.requested_size:
+                if not await self._plug_step(min(self._chunk(), (cfg.requested_size - plugged) // bs)):
+                    return
+            elif plugged > cfg.requested_size:
+                if not await self._unplug_step(min(self._chunk(), (plugged - cfg.requested_size) // bs)):
+                    return
+            else:
+                return
+
+    def _first_free_run(self, want: int) -> tuple[int, int]:
+        """Lowest unplugged run, kept inside one Linux memory block."""
+        chunk = self._chunk()
+        usable = self.config.usable_region_size // self.config.block_size
+        index = 0
+        while index in self.plugged:
+            index += 1
+        limit = min(usable, (index // chunk + 1) * chunk)
+        n = 0
+        while n < want and index + n < limit and index + n not in self.plugged:
+            n += 1
+        return index, n
+
+    async def _plug_step(self, want: int) -> bool:
+        index, n = self._first_free_run(want)
+        if n == 0:
+            return False
+        resp = await self.fe.plug(self._block_gpa(index), n)
+        if resp == ResponseType.ACK:
+            self.plugged.update(range(index, index + n))
+            if self.touch:
+                for i in range(index, index + n):
+                    self._write_block(i)
+            return True
+        return self._not_acked("PLUG", resp)
+
+    async def _unplug_step(self, want: int) -> bool:
+        top = max(self.plugged)
+        chunk = self._chunk()
+        floor = (top // chunk) * chunk
+        n = 1
+        while n < want and top - n >= floor and top - n in self.plugged:
+            n += 1
+        start = top - n + 1
+        resp = await self.fe.unplug(self._block_gpa(start), n)
+        if resp == ResponseType.ACK:
+            self.plugged.difference_update(range(start, start + n))
+            return True
+        return self._not_acked("UNPLUG", resp)
+
+    def _not_acked(self, what: str, resp: int) -> bool:
+        if resp == ResponseType.ERROR:
+            raise DeviceBroken(f"{what} answered ERROR: the Linux driver marks the device broken")
+        if resp == ResponseType.BUSY:
+            self.busy_count += 1
+        log.info("%s answered %s", what, ResponseType(resp).name)
+        return False  # NACK: re-read config on the next change; BUSY: retry later
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Probe, then reconcile after every config change (and retry BUSY)."""
+        await self.probe()
+        await self.reconcile()
+        task_status.started()
+        while True:
+            with trio.move_on_after(max(self.busy_backoff, 0.5)):
+                await self.fe.wait_config_change()
+            await self.reconcile()
