@@ -119,6 +119,11 @@ class GuestMemory:
     def add(self, desc: MemoryRegion, fd: int) -> MappedRegion:
         """Map one region; takes ownership of ``fd`` (closed on failure too)."""
         try:
+            if any(r.desc == desc for r in self._regions):
+                # A front-end re-announcing a region we have is harmless.
+                log.debug("region %s added twice; keeping the first", desc)
+                os.close(fd)
+                return next(r for r in self._regions if r.desc == desc)
             if len(self._regions) >= self.max_regions:
                 raise PeerProtocolError(f"more than {self.max_regions} memory regions")
             for other in self._regions:

@@ -19,7 +19,6 @@ import array
 import mmap
 import os
 import socket
-import struct
 from dataclasses import dataclass
 
 import trio
@@ -179,6 +178,7 @@ class Frontend:
         self.features = 0
         self.protocol_features = 0
         self.config_changes = 0
+        self.memory_sent = False
         self._config_event = trio.Event()
         self._backend_channel: socket.socket | None = None
         self.log: list[tuple[str, int, int, bytes, int]] = []  # (dir, request, flags, payload, nfds)
@@ -269,7 +269,9 @@ class Frontend:
         if self.protocol_features & ProtocolFeature.STATUS:
             await self.get_u64(Request.GET_STATUS)
             await self.call(Request.SET_STATUS, vu.encode_u64(0x8))  # FEATURES_OK
-        await self.send_memory(use_mem_table)
+        if not self.memory_sent:
+            # Like QEMU's shadow table: unchanged memory is not re-sent on a restart.
+            await self.send_memory(use_mem_table)
         ring = self.ring
         await self.call(Request.SET_VRING_NUM, vu.encode_vring_state(0, ring.num))
         await self.call(Request.SET_VRING_BASE, vu.encode_vring_state(0, ring.avail_idx))
@@ -280,6 +282,7 @@ class Frontend:
         await self.call_ack(Request.SET_VRING_CALL, vu.encode_u64(0), [self.call_fd])
 
     async def send_memory(self, use_mem_table: bool = False) -> None:
+        self.memory_sent = True
         regions = [r.describe() for r in self.ram.regions]
         fds = [r.fd for r in self.ram.regions]
         if use_mem_table or not self.protocol_features & ProtocolFeature.CONFIGURE_MEM_SLOTS:

@@ -1,0 +1,62 @@
+"""Shared fixtures: a real daemon on a real Unix socket, and QEMU-like front-ends."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+import trio
+
+from vmemdev.device import Geometry
+from vmemdev.server import serve
+from vmemdev.service import DeviceService
+from vmemdev.testing.frontend import Frontend
+
+MiB = 1 << 20
+GiB = 1 << 30
+B = 2 * MiB  # block size of the conformance cases
+A = 4 * GiB  # device address
+R = 1 * GiB  # region size
+
+
+@pytest.fixture(autouse=True)
+def _debug_logs(caplog):
+    caplog.set_level(logging.INFO, logger="vmemdev")
+
+
+async def start_daemon(nursery, tmp_path, *, addr=A, size=R, block=B, requested=0, name="vm0"):
+    service = DeviceService(Geometry(addr, size, block), requested)
+    path = str(tmp_path / f"{name}.sock")
+    await nursery.start(functools.partial(serve, service, socket_path=path))
+    return service, path
+
+
+async def attach(nursery, service, path, **kwargs) -> Frontend:
+    g = service.geometry
+    kwargs.setdefault("device_addr", g.addr)
+    kwargs.setdefault("device_size", g.region_size)
+    fe = Frontend(path, **kwargs)
+    await fe.realize()
+    nursery.start_soon(fe.watch_backend_channel)
+    await fe.start()
+    return fe
+
+
+@pytest.fixture
+async def daemon(nursery, tmp_path):
+    return await start_daemon(nursery, tmp_path)
+
+
+@pytest.fixture
+async def attached(daemon, nursery):
+    service, path = daemon
+    fe = await attach(nursery, service, path)
+    yield service, fe
+    await fe.close()
+    fe.release()
+
+
+async def settle(seconds: float = 0.05) -> None:
+    """Let the daemon's tasks run (notifications travel over a real socket)."""
+    await trio.sleep(seconds)
