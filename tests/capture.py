@@ -1,0 +1,37 @@
+"""Loading recorded vhost-user conversations (tests/data/*.jsonl)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data"
+QEMU_11_1_CAPTURE = DATA / "qemu-11.1.3-linux-7.2-virtio-mem.jsonl"
+
+
+@dataclass(frozen=True)
+class Captured:
+    frontend: bool  # frontend->backend
+    request: int
+    flags: int
+    payload: bytes
+    nfds: int
+
+
+def load(path: Path = QEMU_11_1_CAPTURE) -> list[Captured]:
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        d = json.loads(line)
+        out.append(
+            Captured(
+                d["dir"] == "frontend->backend",
+                d["request"],
+                d["flags"],
+                bytes.fromhex(d["payload"]),
+                d["nfds"],
+            )
+        )
+    return out
