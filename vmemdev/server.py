@@ -38,6 +38,15 @@ class ConnectionClosed(Exception):
     """The peer closed the stream or sent something we cannot resynchronise after."""
 
 
+class RefusedMessage(PeerProtocolError):
+    """A whole message arrived but cannot be used (its fds were cut off)."""
+
+    def __init__(self, request: int, flags: int, reason: str):
+        self.request = request
+        self.flags = flags
+        super().__init__(reason)
+
+
 def _close_all(fds) -> None:
     for fd in fds:
         try:
@@ -94,7 +103,9 @@ async def read_message(sock: trio.socket.SocketType) -> tuple[int, int, bytes, t
         raise
     if truncated or len(fds) > vu.MAX_FDS:
         _close_all(fds)
-        raise PeerProtocolError(f"{vu.request_name(request)}: more file descriptors than {vu.MAX_FDS}")
+        raise RefusedMessage(
+            request, flags, f"{vu.request_name(request)}: more file descriptors than {vu.MAX_FDS}"
+        )
     return request, flags, payload, tuple(fds)
 
 
@@ -130,39 +141,41 @@ class FrontendConnection:
     async def _serve_messages(self) -> None:
         while True:
             try:
-                request, flags, payload, fds = await read_message(self.sock)
+                try:
+                    request, flags, payload, fds = await read_message(self.sock)
+                except RefusedMessage as exc:
+                    reply = self._failure(exc.request, exc.flags, exc)
+                    request = exc.request
+                else:
+                    reply = await self._dispatch(request, flags, payload, fds)
             except ConnectionClosed as exc:
                 log.info("front-end disconnected: %s", exc)
-                return
-            except PeerProtocolError as exc:
-                log.error("front-end protocol error: %s", exc)
-                continue
-            try:
-                reply = await self._dispatch(request, flags, payload, fds)
-            except ConnectionClosed as exc:
-                log.error("closing the front-end connection: %s", exc)
                 return
             if reply is not None:
                 await self._send(vu.encode_reply(request, reply))
 
     async def _dispatch(self, request: int, flags: int, payload: bytes, fds) -> bytes | None:
-        name = vu.request_name(request)
         try:
             msg = vu.decode(request, flags, payload, fds)
         except PeerProtocolError as exc:
             _close_all(fds)
             return self._failure(request, flags, exc)
-        log.debug("<- %s %s", name, msg.body if request != vu.Request.GET_CONFIG else "")
+        log.debug("<- %s %s", msg.name, msg.body if request != vu.Request.GET_CONFIG else "")
         try:
             return await self.session.handle(msg)
         except PeerProtocolError as exc:
             return self._failure(request, flags, exc)
 
     def _failure(self, request: int, flags: int, exc: Exception) -> bytes | None:
-        """Log a refused message; answer a failure where the front-end waits for one."""
-        if request in vu.REQUESTS_WITH_REPLY or not vu.is_known(request):
-            # The front-end may be waiting for an answer we cannot give honestly.
-            raise ConnectionClosed(f"front-end protocol error: {exc}")
+        """Log a refused message; answer a failure where the front-end waits for one.
+
+        NEED_REPLY gets a non-zero status. A request that carries its own reply
+        (GET_*), or an unknown one without NEED_REPLY, has no honest failure
+        answer and the front-end may be waiting: the connection is closed.
+        """
+        if request in vu.REQUESTS_WITH_REPLY or not (vu.is_known(request) or flags & vu.Flags.NEED_REPLY):
+            log.error("front-end protocol error: %s; closing the connection", exc)
+            raise ConnectionClosed("closed after a protocol error")
         if flags & vu.Flags.NEED_REPLY:
             log.error("front-end protocol error: %s; answered failure", exc)
             return vu.encode_u64(1)
@@ -216,11 +229,7 @@ async def serve_listener(
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept front-ends one at a time; refuse a second while one is attached."""
-    busy = False
-
     async def handle(sock: trio.socket.SocketType) -> None:
-        nonlocal busy
-        busy = True
         log.info("front-end connected")
         try:
             await FrontendConnection(sock, service).run()
@@ -229,7 +238,8 @@ async def serve_listener(
         except Exception:
             log.exception("internal error while serving the front-end; connection closed")
         finally:
-            busy = False
+            service.frontend_attached = False
+            service.sessions_ended += 1
             log.info(
                 "front-end detached; device keeps plugged=%d requested=%d",
                 service.device.plugged_size,
@@ -247,10 +257,11 @@ async def serve_listener(
                     await trio.sleep(0.1)
                     continue
                 raise
-            if busy:
+            if service.frontend_attached:
                 log.warning("refused a second front-end connection: this device already has one")
                 sock.close()
                 continue
+            service.frontend_attached = True
             nursery.start_soon(handle, sock)
 
 

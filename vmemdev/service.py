@@ -42,6 +42,8 @@ class DeviceService:
         self.stats: collections.Counter[tuple[str, str]] = collections.Counter()
         self.bytes_discarded = 0
         self._warned_generation: int | None = None
+        self.frontend_attached = False
+        self.sessions_ended = 0  # front-end connections served to the end
 
     @property
     def geometry(self) -> Geometry:

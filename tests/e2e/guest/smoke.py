@@ -214,8 +214,10 @@ class Guest:
     """A running guest. Use boot() to make one; use it as a context manager
     (or call close()) so QEMU is killed and sockets are closed."""
 
-    def __init__(self, proc, workdir: Path, serial: _Serial, t_start: float):
+    def __init__(self, proc, workdir: Path, serial: _Serial, t_start: float,
+                 keep_workdir: bool = True):
         self.proc = proc
+        self.keep_workdir = keep_workdir
         self.workdir = workdir
         self.serial = serial
         self.t_start = t_start          # time.monotonic() when QEMU was started
@@ -232,6 +234,7 @@ class Guest:
 
     def _fail(self, e: Exception, what: str):
         tail_c = "\n".join(self.serial.lines[-15:])
+        tail_q = "(unreadable)"
         with contextlib.suppress(OSError):
             tail_q = self.qemu_log.read_text(errors="replace")[-2000:]
         raise type(e)(f"{what}: {e}\n--- console (last lines) ---\n{tail_c}\n"
@@ -318,6 +321,8 @@ class Guest:
                 self.proc.kill()
                 self.proc.wait(10)
         self.serial.close()
+        if not self.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -330,7 +335,10 @@ def boot(qemu_args: list[str], *, qemu_cmd: list[str] | None = None,
          workdir: Path | None = None, ready_timeout: float = 120.0,
          keep_workdir: bool = True) -> Guest:
     """Start QEMU with qemu_args (+ serial and QMP), wait for the guest
-    agent's ready marker, return a Guest."""
+    agent's ready marker, return a Guest. qemu_cmd defaults to
+    [scripts/guestlab, "qemu", "--"]; workdir (sockets and logs) must be
+    visible to QEMU, i.e. under /tmp/vmemdev-guestlab or a --share dir;
+    keep_workdir=False removes it on close()."""
     if qemu_cmd is None:
         qemu_cmd = [str(GUESTLAB), "qemu", "--"]
     SHARE.mkdir(parents=True, exist_ok=True)
@@ -378,7 +386,7 @@ def boot(qemu_args: list[str], *, qemu_cmd: list[str] | None = None,
         lsock.close()
         with contextlib.suppress(FileNotFoundError):
             ser_path.unlink()
-    g = Guest(proc, workdir, _Serial(conn, workdir / "console.log"), t_start)
+    g = Guest(proc, workdir, _Serial(conn, workdir / "console.log"), t_start, keep_workdir)
     try:
         g.wait_ready(ready_timeout)
     except BaseException:
@@ -505,6 +513,7 @@ def smoke_builtin(verbose: bool = True) -> dict:
             if ql:
                 say("qemu.log:\n    " + ql.replace("\n", "\n    "))
     timings["total"] = time.monotonic() - t0
+    shutil.rmtree(g.workdir, ignore_errors=True)  # kept (and named) on failure
     print("\ntimings:")
     for k, v in timings.items():
         print(f"  {k:55s} {v:7.2f} s")
