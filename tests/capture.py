@@ -25,6 +25,8 @@ def load(path: Path = QEMU_11_1_CAPTURE) -> list[Captured]:
         if not line.strip():
             continue
         d = json.loads(line)
+        if d.get("channel", "main") != "main":
+            continue
         out.append(
             Captured(
                 d["dir"] == "frontend->backend",

@@ -34,7 +34,7 @@ def run(dev: VirtioMemDevice, type_, addr, nb):
     "kwargs, reason",
     [
         (dict(addr=A, region_size=GiB, block_size=3 * MiB), "power of two"),
-        (dict(addr=A, region_size=GiB, block_size=2048), "power of two >= 4096"),
+        (dict(addr=A, region_size=GiB, block_size=2048), "power of two >= 4K"),
         (dict(addr=A + 4096, region_size=GiB, block_size=B), "not a multiple"),
         (dict(addr=A, region_size=GiB + 4096, block_size=B), "positive multiple"),
         (dict(addr=A, region_size=0, block_size=B), "positive multiple"),

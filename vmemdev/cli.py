@@ -57,21 +57,30 @@ def _device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-id", type=int, default=0, help="NUMA node (ACPI proximity domain), default 0")
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vmemdev", description="virtio-mem vhost-user backend")
+    parser = Parser(prog="vmemdev", description="virtio-mem vhost-user backend")
     parser.add_argument("--version", action="version", version=f"vmemdev {__version__}")
     parser.add_argument("--print-capabilities", action="store_true",
                         help="print the backend's capabilities as JSON and exit")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                         help="default: info for serve, warning for demo")
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
 
     serve = sub.add_parser("serve", help="serve one virtio-mem device to a vhost-user front-end")
     where = serve.add_mutually_exclusive_group()
     where.add_argument("--socket-path", help="Unix socket to listen on")
     where.add_argument("--fd", type=int, help="an already listening socket (e.g. from systemd)")
-    serve.add_argument("--print-capabilities", action="store_true", dest="serve_capabilities",
+    serve.add_argument("--print-capabilities", action="store_true",
                        help="print the backend's capabilities as JSON and exit")
+    serve.add_argument("--trace-file", metavar="PATH",
+                       help="append every vhost-user message to PATH as JSON lines (debugging)")
     _device_options(serve)
 
     demo = sub.add_parser("demo", help="serve a device to a built-in simulated QEMU + Linux guest")
@@ -97,11 +106,12 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.print_capabilities or getattr(args, "serve_capabilities", False):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--print-capabilities" in argv:  # the vhost-user convention: ignore everything else
         print(json.dumps(capabilities()))
         return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command is None:
         parser.error("a command is needed: serve or demo")
     setup_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
@@ -120,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         from .server import serve
 
         try:
-            trio.run(lambda: serve(service, socket_path=args.socket_path, listen_fd=args.fd))
+            trio.run(lambda: serve(service, socket_path=args.socket_path, listen_fd=args.fd,
+                                   trace_path=args.trace_file))
         except VmemdevError as exc:
             logging.getLogger("vmemdev").error("%s", exc)
             return 1

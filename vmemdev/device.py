@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .bitmap import BlockBitmap
 from .errors import ConfigError
+from .sizes import format_size as fs
 from .protocol.virtio_mem import (
     BlockState,
     Config,
@@ -47,12 +48,12 @@ class Geometry:
     def __post_init__(self) -> None:
         bs = self.block_size
         if bs < PAGE_SIZE or bs & (bs - 1):
-            raise ConfigError(f"block size {bs} must be a power of two >= {PAGE_SIZE}")
+            raise ConfigError(f"block size {fs(bs)} must be a power of two >= 4K")
         if self.addr % bs:
             raise ConfigError(f"region address {self.addr:#x} is not a multiple of the block size")
         if self.region_size <= 0 or self.region_size % bs:
             raise ConfigError(
-                f"region size {self.region_size} must be a positive multiple of the block size {bs}"
+                f"region size {fs(self.region_size)} must be a positive multiple of the block size {fs(bs)}"
             )
         if self.addr + self.region_size > U64_LIMIT:
             raise ConfigError("region ends beyond 2^64")
@@ -145,11 +146,11 @@ class VirtioMemDevice:
             raise ConfigError(f"requested size {size!r} must be a non-negative integer")
         if size % self.block_size:
             raise ConfigError(
-                f"requested size {size} is not a multiple of the block size {self.block_size}"
+                f"requested size {fs(size)} is not a multiple of the block size {fs(self.block_size)}"
             )
         if size > self.geometry.region_size:
             raise ConfigError(
-                f"requested size {size} is larger than the region ({self.geometry.region_size})"
+                f"requested size {fs(size)} is larger than the region ({fs(self.geometry.region_size)})"
             )
 
     def set_requested_size(self, size: int) -> bool:

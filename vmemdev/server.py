@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import errno
+import functools
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ from .backend import BackendSession
 from .errors import PeerProtocolError, VmemdevError
 from .protocol import vhost_user as vu
 from .service import DeviceService
+from .trace import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +114,10 @@ async def read_message(sock: trio.socket.SocketType) -> tuple[int, int, bytes, t
 class FrontendConnection:
     """One attached front-end (one QEMU) and its session."""
 
-    def __init__(self, sock: trio.socket.SocketType, service: DeviceService):
+    def __init__(self, sock: trio.socket.SocketType, service: DeviceService, tracer: Tracer | None = None):
         self.sock = sock
         self.service = service
+        self.tracer = tracer
         self.session: BackendSession | None = None
         self._notify_send, self._notify_recv = trio.open_memory_channel(64)
         self._backend_sock: trio.socket.SocketType | None = None
@@ -143,6 +146,8 @@ class FrontendConnection:
             try:
                 try:
                     request, flags, payload, fds = await read_message(self.sock)
+                    if self.tracer:
+                        self.tracer.record(True, request, flags, payload, len(fds))
                 except RefusedMessage as exc:
                     reply = self._failure(exc.request, exc.flags, exc)
                     request = exc.request
@@ -152,6 +157,8 @@ class FrontendConnection:
                 log.info("front-end disconnected: %s", exc)
                 return
             if reply is not None:
+                if self.tracer:
+                    self.tracer.record(False, request, int(vu.REPLY_FLAGS), reply, 0)
                 await self._send(vu.encode_reply(request, reply))
 
     async def _dispatch(self, request: int, flags: int, payload: bytes, fds) -> bytes | None:
@@ -217,6 +224,9 @@ class FrontendConnection:
                 view = memoryview(message)
                 while view:
                     view = view[await self._backend_sock.send(view) :]
+                if self.tracer:
+                    self.tracer.record(False, vu.BackendRequest.CONFIG_CHANGE_MSG, int(vu.Flags.VERSION),
+                                       b"", 0, channel="backend")
                 log.info("config change notified to the front-end")
             except OSError as exc:
                 log.error("cannot send CONFIG_CHANGE_MSG: %s", exc)
@@ -226,13 +236,14 @@ async def serve_listener(
     listener: trio.socket.SocketType,
     service: DeviceService,
     *,
+    tracer: Tracer | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept front-ends one at a time; refuse a second while one is attached."""
     async def handle(sock: trio.socket.SocketType) -> None:
         log.info("front-end connected")
         try:
-            await FrontendConnection(sock, service).run()
+            await FrontendConnection(sock, service, tracer).run()
         except VmemdevError as exc:
             log.error("front-end connection failed: %s", exc)
         except Exception:
@@ -286,6 +297,7 @@ async def serve(
     *,
     socket_path: str | None = None,
     listen_fd: int | None = None,
+    trace_path: str | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the device until cancelled or SIGTERM/SIGINT."""
@@ -304,16 +316,19 @@ async def serve(
         g.block_size,
         service.device.requested_size,
     )
+    tracer = Tracer.open(trace_path) if trace_path else None
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(serve_listener, listener, service)
+                await nursery.start(functools.partial(serve_listener, listener, service, tracer=tracer))
                 task_status.started()
                 async for signum in signals:
                     log.info("received %s, exiting", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
                     break
     finally:
+        if tracer:
+            tracer.close()
         listener.close()
         if listen_fd is None and socket_path and os.path.exists(socket_path):
             os.unlink(socket_path)
