@@ -32,13 +32,14 @@ async def start_daemon(nursery, tmp_path, *, addr=A, size=R, block=B, requested=
     return service, path
 
 
-async def attach(nursery, service, path, **kwargs) -> Frontend:
+async def attach(nursery, service, path, watch_backend_channel=True, **kwargs) -> Frontend:
     g = service.geometry
     kwargs.setdefault("device_addr", g.addr)
     kwargs.setdefault("device_size", g.region_size)
     fe = Frontend(path, **kwargs)
     await fe.realize()
-    nursery.start_soon(fe.watch_backend_channel)
+    if watch_backend_channel:
+        nursery.start_soon(fe.watch_backend_channel)
     await fe.start()
     return fe
 

@@ -181,6 +181,7 @@ class Frontend:
         self.memory_sent = False
         self._config_event = trio.Event()
         self._backend_channel: socket.socket | None = None
+        self._backend_watch_sock = None
         self.log: list[tuple[str, int, int, bytes, int]] = []  # (dir, request, flags, payload, nfds)
 
     # --- raw messages --------------------------------------------------------
@@ -309,6 +310,9 @@ class Frontend:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        if self._backend_watch_sock is not None:
+            self._backend_watch_sock.close()  # tells Trio's watcher before the fd goes
+            self._backend_watch_sock = None
         if self._backend_channel is not None:
             self._backend_channel.close()
             self._backend_channel = None
@@ -323,21 +327,24 @@ class Frontend:
 
     async def watch_backend_channel(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Count CONFIG_CHANGE_MSG messages as QEMU's backend-channel handler would."""
-        sock = trio.socket.from_stdlib_socket(self._backend_channel)
+        sock = self._backend_watch_sock = trio.socket.from_stdlib_socket(self._backend_channel)
         task_status.started()
-        while True:
-            header = await sock.recv(vu.HEADER.size)
-            if not header:
-                return
-            req, flags, size = vu.HEADER.unpack(header)
-            if size:
-                await sock.recv(size)
-            if req == vu.BackendRequest.CONFIG_CHANGE_MSG:
-                self.config_changes += 1
-                self._config_event.set()
-                self._config_event = trio.Event()
-            if flags & vu.Flags.NEED_REPLY:
-                await sock.send(vu.encode_reply(req, vu.encode_u64(0)))
+        try:
+            while True:
+                header = await sock.recv(vu.HEADER.size)
+                if not header:
+                    return
+                req, flags, size = vu.HEADER.unpack(header)
+                if size:
+                    await sock.recv(size)
+                if req == vu.BackendRequest.CONFIG_CHANGE_MSG:
+                    self.config_changes += 1
+                    self._config_event.set()
+                    self._config_event = trio.Event()
+                if flags & vu.Flags.NEED_REPLY:
+                    await sock.send(vu.encode_reply(req, vu.encode_u64(0)))
+        except trio.ClosedResourceError:
+            return  # close() was called
 
     async def wait_config_change(self) -> None:
         await self._config_event.wait()
