@@ -325,3 +325,29 @@ async def test_ring_outside_shared_memory_is_refused(daemon, caplog):
     assert "ring 0 is not in shared memory" in caplog.text
     await fe.close()
     fe.release()
+
+
+async def test_a_full_pipe_posing_as_call_eventfd_does_not_block_the_daemon(attached, caplog):
+    service, fe = attached
+    service.resize(256 * MiB)
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"x" * 65536)
+    except BlockingIOError:
+        pass  # the pipe is full: a blocking write would hang forever
+    await fe.call_ack(Request.SET_VRING_CALL, vu.encode_u64(0), [w])
+    fe.ram.write(fe.req_gpa, MemRequest(RequestType.PLUG, A, 1).pack())
+    fe.ring.write_desc(0, fe.req_gpa, 24, DESC_F_NEXT, 1)
+    fe.ring.write_desc(1, fe.resp_gpa, 10, DESC_F_WRITE, 0)
+    fe.ring.publish(0)
+    fe.kick()
+    with trio.fail_after(5):
+        while (used := fe.ring.pop_used()) is None:
+            await trio.sleep(0.01)
+        assert used == (0, 10)
+        assert (await fe.get_config()).plugged_size == B
+    assert "cannot signal the call eventfd" in caplog.text
+    os.close(r)
+    os.close(w)

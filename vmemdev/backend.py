@@ -58,6 +58,17 @@ GATED = {
 }
 
 
+def _nonblocking(file: vu.VringFile) -> vu.VringFile:
+    """A peer's fd must never block the daemon (a full pipe posing as an eventfd)."""
+    if file.fd is not None:
+        try:
+            os.set_blocking(file.fd, False)
+        except OSError as exc:
+            close_fd(file.fd)
+            raise PeerProtocolError(f"ring {file.index}: unusable fd ({exc})") from exc
+    return file
+
+
 class BackendSession:
     def __init__(self, service: DeviceService, nursery: trio.Nursery):
         self.service = service
@@ -263,7 +274,7 @@ class BackendSession:
         return vu.encode_vring_state(vring.index, vring.last_avail_idx)
 
     async def _on_set_vring_kick(self, msg: Message) -> None:
-        file: vu.VringFile = msg.body
+        file: vu.VringFile = _nonblocking(msg.body)
         vring = self._vring(file.index)
         self._stop_kick_watcher(vring)
         close_fd(vring.kick_fd)
@@ -279,13 +290,13 @@ class BackendSession:
         vring.poke()  # buffers made available before the kick fd arrived
 
     async def _on_set_vring_call(self, msg: Message) -> None:
-        file: vu.VringFile = msg.body
+        file: vu.VringFile = _nonblocking(msg.body)
         vring = self._vring(file.index)
         close_fd(vring.call_fd)
         vring.call_fd = file.fd
 
     async def _on_set_vring_err(self, msg: Message) -> None:
-        file: vu.VringFile = msg.body
+        file: vu.VringFile = _nonblocking(msg.body)
         vring = self._vring(file.index)
         close_fd(vring.err_fd)
         vring.err_fd = file.fd

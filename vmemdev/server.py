@@ -67,9 +67,9 @@ def _take_fds(ancdata, fds: list[int]) -> None:
 async def read_message(sock: trio.socket.SocketType) -> tuple[int, int, bytes, tuple[int, ...]]:
     """Read one (request, flags, payload, fds); raises ConnectionClosed at EOF.
 
-    A protocol violation in the header (version, size bound, truncated fds)
-    raises PeerProtocolError after closing any fds that came with it; a
-    header we cannot trust to find the next message raises ConnectionClosed.
+    A header we cannot trust to find the next message (version, size bound)
+    raises ConnectionClosed; a whole message whose fds were cut off raises
+    RefusedMessage. Either way the fds that came with it are closed.
     """
     header = b""
     fds: list[int] = []
