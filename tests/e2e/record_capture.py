@@ -16,8 +16,9 @@ with the command line of /work/shared/docs/real-guest-e2e.md::
     -chardev socket,id=c0,path=WORKDIR/vm0.sock
     -device vhost-user-test-device-pci,chardev=c0,virtio-id=24,num_vqs=1,config_size=56
 
-(``-nographic`` is replaced by ``-nodefaults -display none``: smoke.boot()
-adds its own serial console and QMP socket), then walks the requested size
+(``-nographic`` is replaced by ``-display none``: smoke.boot() adds its own
+serial console and QMP socket; --nodefaults also drops QEMU's default VGA and
+NIC, which makes guest RAM one memory region instead of two), then walks the requested size
 256M (at start) -> 512M -> 128M -> 0 through ``DeviceService.resize``. At each
 step it waits (bounded) until the guest's MemTotal is base + requested and
 the device's plugged_size equals requested_size, and records MemTotal, the
@@ -193,9 +194,13 @@ class BuiltinDevice:
 # --------------------------------------------------------------------------
 
 
-def qemu_args(info: dict, dev) -> list[str]:
+def qemu_args(info: dict, dev, nodefaults: bool = False) -> list[str]:
+    # The documented line has -nographic; smoke.boot() brings its own serial
+    # console and QMP, so -display none gives the same machine (default VGA and
+    # NIC included: the VGA window splits guest RAM into two memory regions).
     return [
-        *info["accel_args"], "-smp", "2", "-nodefaults", "-display", "none", "-no-reboot",
+        *info["accel_args"], "-smp", "2", *(["-nodefaults"] if nodefaults else []),
+        "-display", "none", "-no-reboot",
         "-m", "512M,maxmem=8G,slots=2",
         "-kernel", info["kernel"], "-initrd", info["initrd"], "-append", info["kernel_cmdline"],
         "-object", "memory-backend-memfd,id=ram,size=512M,share=on",
@@ -307,7 +312,7 @@ class Scenario:
         say(f"QEMU {self.facts['qemu']}, guest kernel {self.facts['kernel']}, "
             f"device: {self.dev.kind}, workdir {self.workdir}")
         t_boot = time.monotonic()
-        g = smoke.boot(qemu_args(info, self.dev), workdir=self.workdir,
+        g = smoke.boot(qemu_args(info, self.dev, self.args.nodefaults), workdir=self.workdir,
                        ready_timeout=self.args.ready_timeout)
         self.shared["guest"] = g
         try:
@@ -334,7 +339,7 @@ class Scenario:
         say(f"MemTotal before virtio_mem: {base_kb} kB")
 
         # step 1: requested at start (the driver plugs while the guest boots)
-        first = Step("start", STEPS_MIB[0], t_from="QEMU start")
+        first = Step("start", self.args.steps[0], t_from="QEMU start")
         self.wait_step(g, first, base_kb, g.t_start, None, self.args.step_timeout + 120)
         self.record(g, first, base_kb)
         self.steps.append(first)
@@ -342,7 +347,7 @@ class Scenario:
         self.facts["probe"] = probe.strip()
         say("driver: " + probe.strip().replace("\n", "\n    "))
 
-        for target in STEPS_MIB[1:]:
+        for target in self.args.steps[1:]:
             step = Step(f"resize {target}M", target, t_from="resize()")
             before_kb = self.memtotal(g)
             t0 = time.monotonic()
@@ -385,6 +390,10 @@ class Scenario:
 
     def _poweroff(self, g) -> None:
         po = self.poweroff
+        po["plugged at poweroff"] = mib(self.dev.sizes()[0])
+        # let the kernel's shutdown messages reach the console (console.log)
+        g.run("echo 7 > /proc/sys/kernel/printk")
+        self.console_mark = len(g.serial.lines)
         n_before = self.trace_count()
         t_wall = time.time()
         t = time.monotonic()
@@ -408,6 +417,7 @@ class Scenario:
             self.fail(f"QEMU did not exit within {timeout:.0f}s of the guest's poweroff -f")
             self._debug_hang(g, po)
         po["trace messages during poweroff"] = self._trace_since(t_wall, n_before)
+        po["guest console during poweroff"] = g.serial.lines[self.console_mark:][-40:]
         with contextlib.suppress(OSError):
             po["qemu.log"] = g.qemu_log.read_text(errors="replace").strip()
         if g._qmp is not None:
@@ -557,9 +567,9 @@ def trace_stats(path: Path) -> str:
                 name = "backend:" + {2: "CONFIG_CHANGE_MSG"}.get(d["request"], str(d["request"]))
             else:
                 name = vu.request_name(d["request"])
-            c[(name, d["dir"][:8])] += 1
-    return ", ".join(f"{n}{'' if d == 'frontend' else ' (reply)'}×{k}"
-                     for (n, d), k in sorted(c.items(), key=lambda x: -x[1]))
+            c[(name, d["dir"] == "frontend->backend")] += 1
+    return ", ".join(f"{'->' if fe else '<-'} {n} ×{k}"
+                     for (n, fe), k in sorted(c.items(), key=lambda x: -x[1]))
 
 
 # --------------------------------------------------------------------------
@@ -578,7 +588,7 @@ async def run_vmemdev(args, workdir: Path) -> tuple[Scenario, bool]:
     sock = workdir / "vm0.sock"
     trace = workdir / "trace.jsonl"
     service = DeviceService(Geometry(addr=REGION_ADDR, region_size=REGION_SIZE,
-                                     block_size=BLOCK_SIZE), requested_size=STEPS_MIB[0] * MiB)
+                                     block_size=BLOCK_SIZE), requested_size=args.steps[0] * MiB)
     dev = VmemdevDevice(service, sock, workdir / "hp0.mem")
     stop = threading.Event()
     shared: dict = {}
@@ -621,7 +631,7 @@ async def run_vmemdev(args, workdir: Path) -> tuple[Scenario, bool]:
 
 
 def run_builtin(args, workdir: Path) -> Scenario:
-    dev = BuiltinDevice(workdir / "vm0.mem", STEPS_MIB[0] * MiB)
+    dev = BuiltinDevice(workdir / "vm0.mem", args.steps[0] * MiB)
     sc = Scenario(args, dev, workdir, None, threading.Event(), {})
     try:
         sc.run()
@@ -645,6 +655,11 @@ def main() -> int:
                     help="seconds QEMU may take to exit after poweroff -f (default 30)")
     ap.add_argument("--touch-mib", type=int, default=192,
                     help="MiB of guest tmpfs to fill at 512M (0: skip; default 192)")
+    ap.add_argument("--steps", default=",".join(map(str, STEPS_MIB)),
+                    type=lambda t: [int(x) for x in t.split(",")],
+                    help="requested sizes in MiB, the first at start (default 256,512,128,0)")
+    ap.add_argument("--nodefaults", action="store_true",
+                    help="add -nodefaults (no default VGA/NIC; RAM becomes one memory region)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory on success")
     ap.add_argument("--log-level", default="info", help="vmemdev log level (to WORKDIR/vmemdev.log)")
     args = ap.parse_args()
