@@ -8,6 +8,7 @@ import logging
 import pytest
 import trio
 
+from vmemdev.control_server import ControlServer
 from vmemdev.device import Geometry
 from vmemdev.server import serve
 from vmemdev.service import DeviceService
@@ -25,10 +26,12 @@ def _debug_logs(caplog):
     caplog.set_level(logging.INFO, logger="vmemdev")
 
 
-async def start_daemon(nursery, tmp_path, *, addr=A, size=R, block=B, requested=0, name="vm0"):
-    service = DeviceService(Geometry(addr, size, block), requested)
+async def start_daemon(nursery, tmp_path, *, addr=A, size=R, block=B, requested=0, name="vm0",
+                       control=False, control_group=None, **service_options):
+    service = DeviceService(Geometry(addr, size, block), requested, **service_options)
     path = str(tmp_path / f"{name}.sock")
-    await nursery.start(functools.partial(serve, service, socket_path=path))
+    server = ControlServer(service, str(tmp_path / f"{name}.ctl"), control_group) if control else None
+    await nursery.start(functools.partial(serve, service, socket_path=path, control=server))
     return service, path
 
 

@@ -34,6 +34,25 @@ def _size_arg(what: str):
     return parse
 
 
+def _limit_arg(what: str):
+    def parse(text: str) -> int | None:
+        if text == "max":
+            return None
+        return _size_arg(what)(text)
+
+    return parse
+
+
+def default_control_socket(args) -> str | None:
+    if args.control_socket:
+        return None if args.control_socket == "none" else args.control_socket
+    if args.socket_path:
+        base = args.socket_path[:-5] if args.socket_path.endswith(".sock") else args.socket_path
+        return base + ".ctl"
+    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    return os.path.join(runtime.split(":")[0], "vmemdev.ctl") if runtime else None
+
+
 def capabilities() -> dict:
     return {
         "type": "memory",
@@ -81,7 +100,43 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the backend's capabilities as JSON and exit")
     serve.add_argument("--trace-file", metavar="PATH",
                        help="append every vhost-user message to PATH as JSON lines (debugging)")
+    serve.add_argument("--control-socket", metavar="PATH",
+                       help="control socket (default: the vhost-user socket's name with .ctl; "
+                            "with --fd, $RUNTIME_DIRECTORY/vmemdev.ctl if set); 'none' disables it")
+    serve.add_argument("--control-group", metavar="GROUP",
+                       help="let members of GROUP use the control socket (mode 0660)")
+    serve.add_argument("--memory-max", type=_limit_arg("memory.max"), default=None,
+                       help="never let plugged memory exceed this (SIZE or 'max')")
+    serve.add_argument("--memory-high", type=_limit_arg("memory.high"), default=None,
+                       help="ask the guest to shrink when the host footprint exceeds this")
+    serve.add_argument("--cgroup", metavar="PATH",
+                       help="the VM's memory cgroup (v1 or v2): plugs need headroom in it")
+    serve.add_argument("--prealloc", action="store_true",
+                       help="allocate plugged blocks on the host before acknowledging a plug")
     _device_options(serve)
+
+    ctl = sub.add_parser("ctl", help="talk to a running daemon through its control socket")
+    ctl.add_argument("--control-socket", metavar="PATH",
+                     help="default: $VMEMDEV_CONTROL_SOCKET, or the only /run/vmemdev/*.ctl")
+    ctl.add_argument("--json", action="store_true", help="machine-readable output")
+    cmds = ctl.add_subparsers(dest="ctl_command", required=True, parser_class=Parser)
+    cmds.add_parser("status", help="geometry, sizes, front-end, limits, footprint")
+    resize = cmds.add_parser("resize", help="set the requested size")
+    resize.add_argument("size", help="e.g. 512M, 4G")
+    resize.add_argument("--wait", action="store_true", help="follow the guest until it gets there")
+    resize.add_argument("--timeout", type=float, default=300.0, help="give up after S seconds (300)")
+    resize.add_argument("--stall", type=float, default=60.0,
+                        help="fail when plugged has not moved for S seconds (60)")
+    setp = cmds.add_parser("set", help="set a limit: memory.max or memory.high, SIZE or 'max'")
+    setp.add_argument("name", choices=["memory.max", "memory.high"])
+    setp.add_argument("value")
+    get = cmds.add_parser("get", help="show one limit (or all)")
+    get.add_argument("name", nargs="?", choices=["memory.max", "memory.high"])
+    cmds.add_parser("limits", help="limits and the cgroup's usage")
+    cmds.add_parser("stats", help="request counters, latency, bytes discarded/preallocated")
+    cmds.add_parser("accounting", help="plugged vs host-allocated, memmap estimate")
+    events = cmds.add_parser("events", help="recent events; --follow for new ones")
+    events.add_argument("--follow", "-f", action="store_true")
 
     demo = sub.add_parser("demo", help="serve a device to a built-in simulated QEMU + Linux guest")
     _device_options(demo)
@@ -114,12 +169,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.error("a command is needed: serve or demo")
+    if args.command == "ctl":
+        from . import ctl
+
+        return ctl.run(args)
     setup_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
     geometry = _geometry(parser, args)
-    from .service import DeviceService
+    from .limits import Cgroup
+    from .service import DeviceService, Limits
 
     try:
-        service = DeviceService(geometry, args.requested_size)
+        limits = Limits()
+        cgroup = None
+        if args.command == "serve":
+            limits = Limits(args.memory_max, args.memory_high)
+            for name, value in (("memory.max", limits.memory_max), ("memory.high", limits.memory_high)):
+                if value is not None and value % geometry.block_size:
+                    raise ConfigError(f"--{name.replace('.', '-')} must be a multiple of the block size")
+            cgroup = Cgroup(args.cgroup) if args.cgroup else None
+        service = DeviceService(geometry, args.requested_size, limits=limits, cgroup=cgroup,
+                                prealloc=getattr(args, "prealloc", False))
     except ConfigError as exc:
         parser.error(str(exc))
     if args.command == "serve":
@@ -127,11 +196,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("serve needs --socket-path PATH or --fd N")
         if args.fd is not None and args.fd < 0:
             parser.error("--fd must be a non-negative file descriptor")
+        from .control_server import ControlServer
         from .server import serve
 
         try:
+            control_path = default_control_socket(args)
+            control = ControlServer(service, control_path, args.control_group) if control_path else None
+            if control is None:
+                logging.getLogger("vmemdev").warning("no control socket: resize and limits are not available")
             trio.run(lambda: serve(service, socket_path=args.socket_path, listen_fd=args.fd,
-                                   trace_path=args.trace_file))
+                                   trace_path=args.trace_file, control=control))
         except VmemdevError as exc:
             logging.getLogger("vmemdev").error("%s", exc)
             return 1

@@ -26,6 +26,7 @@ import stat
 import trio
 
 from .backend import BackendSession
+from .control_server import ControlServer
 from .errors import PeerProtocolError, VmemdevError
 from .protocol import vhost_user as vu
 from .service import DeviceService
@@ -242,6 +243,7 @@ async def serve_listener(
     """Accept front-ends one at a time; refuse a second while one is attached."""
     async def handle(sock: trio.socket.SocketType) -> None:
         log.info("front-end connected")
+        service.events.publish("FRONTEND_CONNECTED")
         try:
             await FrontendConnection(sock, service, tracer).run()
         except VmemdevError as exc:
@@ -251,6 +253,7 @@ async def serve_listener(
         finally:
             service.frontend_attached = False
             service.sessions_ended += 1
+            service.events.publish("FRONTEND_DISCONNECTED", plugged=service.device.plugged_size)
             log.info(
                 "front-end detached; device keeps plugged=%d requested=%d",
                 service.device.plugged_size,
@@ -298,9 +301,10 @@ async def serve(
     socket_path: str | None = None,
     listen_fd: int | None = None,
     trace_path: str | None = None,
+    control: ControlServer | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the device until cancelled or SIGTERM/SIGINT."""
+    """Run the device (and its control socket) until cancelled or SIGTERM/SIGINT."""
     if listen_fd is not None:
         listener = trio.socket.from_stdlib_socket(socket.socket(fileno=listen_fd))
         where = f"fd {listen_fd}"
@@ -321,6 +325,9 @@ async def serve(
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(functools.partial(serve_listener, listener, service, tracer=tracer))
+                if control is not None:
+                    await nursery.start(control.run)
+                await nursery.start(service.monitor)
                 task_status.started()
                 async for signum in signals:
                     log.info("received %s, exiting", signal.Signals(signum).name)

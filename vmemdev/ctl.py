@@ -1,0 +1,215 @@
+"""``vmemdev ctl``: the operator's side of the control socket.
+
+Human-readable output by default, ``--json`` for scripts. Exit status: 0 on
+success, 1 when the daemon refused the command or a wait failed, 2 on usage
+errors.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import time
+
+from .client import Client, ControlError
+from .errors import VmemdevError
+from .sizes import format_size
+
+RUN_DIR = "/run/vmemdev"
+
+
+def find_control_socket(explicit: str | None) -> str:
+    """--control-socket, $VMEMDEV_CONTROL_SOCKET, or the only *.ctl in /run/vmemdev."""
+    if explicit:
+        return explicit
+    if os.environ.get("VMEMDEV_CONTROL_SOCKET"):
+        return os.environ["VMEMDEV_CONTROL_SOCKET"]
+    found = sorted(glob.glob(os.path.join(RUN_DIR, "*.ctl")))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise VmemdevError(f"no control socket in {RUN_DIR}: give --control-socket PATH")
+    raise VmemdevError(f"several daemons ({', '.join(found)}): give --control-socket PATH")
+
+
+def size_or_dash(n) -> str:
+    return "-" if n is None else format_size(n)
+
+
+def human_status(s: dict) -> str:
+    g = s["geometry"]
+    lim = s["limits"]
+    lines = [
+        f"region      {g['addr']:#x} + {format_size(g['region_size'])}, block {format_size(g['block_size'])}, node {g['node_id']}",
+        f"plugged     {format_size(s['plugged_size'])}",
+        f"requested   {format_size(s['requested_size'])}",
+        f"usable      {format_size(s['usable_region_size'])}",
+        f"front-end   {s['frontend']}{'' if s['backed'] or s['frontend'] != 'attached' else ' (device region NOT shared: plugs answer BUSY)'}",
+        f"host alloc  {size_or_dash(s['host_allocated'])}",
+        f"limits      memory.max {size_or_dash(lim['memory.max']) if lim['memory.max'] is not None else 'max'}, "
+        f"memory.high {size_or_dash(lim['memory.high']) if lim['memory.high'] is not None else 'max'}",
+    ]
+    if s.get("cgroup"):
+        lines.append(f"cgroup      {s['cgroup']}")
+    if s.get("prealloc"):
+        lines.append("prealloc    on")
+    return "\n".join(lines)
+
+
+def human_stats(s: dict) -> str:
+    lines = ["requests:"]
+    for kind, outcomes in s["requests"].items():
+        lines.append(f"  {kind:<11}" + "  ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
+    if not s["requests"]:
+        lines.append("  none yet")
+    lat = s["latency_us"]
+    lines.append(f"latency     p50 {lat['p50']} us, p99 {lat['p99']} us, max {lat['max']} us "
+                 f"({lat['samples']} samples)")
+    lines.append(f"discarded   {format_size(s['bytes_discarded'])}")
+    lines.append(f"prealloc    {format_size(s['bytes_preallocated'])}")
+    nacks = s["nacks_by_reason"]
+    lines.append("NACKs       " + (", ".join(f"{k} {v}" for k, v in nacks.items()) or "none"))
+    return "\n".join(lines)
+
+
+def human_accounting(a: dict) -> str:
+    m = a["memmap"]
+    lines = [
+        f"plugged               {format_size(a['plugged_size'])}",
+        f"host allocated        {size_or_dash(a['host_allocated'])}",
+        f"allocated extents     {len(a['allocated_extents']) if a['allocated_extents'] is not None else '-'}",
+        f"outside plugged       {size_or_dash(a['allocated_outside_plugged'])} (must be 0)",
+        f"guest memmap          {format_size(m['memmap_bytes'])} for {m['linux_memory_blocks_used']} Linux memory blocks",
+        f"  without memmap_on_memory: guest gains {format_size(m['without_memmap_on_memory']['guest_gain'])}, "
+        f"boot memory pays {format_size(m['without_memmap_on_memory']['boot_memory_cost'])}",
+        f"  with memmap_on_memory:    guest gains {format_size(m['with_memmap_on_memory']['guest_gain'])}",
+    ]
+    return "\n".join(lines)
+
+
+def human_limits(lim: dict) -> str:
+    out = [f"memory.max   {'max' if lim['memory.max'] is None else format_size(lim['memory.max'])}",
+           f"memory.high  {'max' if lim['memory.high'] is None else format_size(lim['memory.high'])}"]
+    if "cgroup" in lim:
+        c = lim["cgroup"]
+        out.append(f"cgroup       {c['path']} (v{c['version']}): usage {format_size(c['usage'])}, "
+                   f"limit {'max' if c['limit'] is None else format_size(c['limit'])}")
+    return "\n".join(out)
+
+
+def human_event(e: dict) -> str:
+    ts = time.strftime("%H:%M:%S", time.localtime(e["timestamp"]["seconds"]))
+    data = " ".join(f"{k}={format_size(v) if isinstance(v, int) and k != 'nb_blocks' and not isinstance(v, bool) else v}"
+                    for k, v in e["data"].items())
+    return f"{ts}.{e['timestamp']['microseconds'] // 1000:03d} {e['event']} {data}".rstrip()
+
+
+def progress_bar(plugged: int, requested: int, start: int, width: int = 30) -> str:
+    span = abs(requested - start) or 1
+    done = min(abs(plugged - start), span) / span
+    filled = int(done * width)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {format_size(plugged)} -> {format_size(requested)}"
+
+
+def wait_for_requested(client: Client, timeout: float, stall: float, out) -> int:
+    """Follow plugged toward requested; 0 when reached, 1 with the reason otherwise."""
+    deadline = time.monotonic() + timeout
+    status = client.execute("query-status")
+    start = status["plugged_size"]
+    last_change, last_plugged = time.monotonic(), start
+    busy0 = client.execute("query-stats")["requests"]
+    tty = out.isatty()
+    while True:
+        status = client.execute("query-status")
+        plugged, requested = status["plugged_size"], status["requested_size"]
+        if tty:
+            out.write("\r" + progress_bar(plugged, requested, start))
+            out.flush()
+        if plugged == requested:
+            out.write(("\n" if tty else "") + f"reached {format_size(requested)}\n")
+            return 0
+        now = time.monotonic()
+        if plugged != last_plugged:
+            last_plugged, last_change = plugged, now
+        reason = None
+        if status["frontend"] != "attached":
+            reason = "no front-end is attached"
+        elif now - last_change > stall:
+            stats = client.execute("query-stats")
+            reason = f"the guest made no progress for {stall:.0f} s ({describe_refusals(busy0, stats)})"
+        elif now > deadline:
+            reason = f"timed out after {timeout:.0f} s"
+        if reason:
+            out.write(("\n" if tty else "") +
+                      f"stopped at plugged {format_size(plugged)} of requested {format_size(requested)}: {reason}\n")
+            return 1
+        time.sleep(0.1)
+
+
+def describe_refusals(before: dict, after: dict) -> str:
+    parts = []
+    for kind in ("PLUG", "UNPLUG", "UNPLUG_ALL"):
+        a, b = after["requests"].get(kind, {}), before.get(kind, {})
+        for outcome in ("NACK", "BUSY", "ERROR"):
+            n = a.get(outcome, 0) - b.get(outcome, 0)
+            if n:
+                parts.append(f"{n} {kind} {outcome}")
+    if after["nacks_by_reason"]:
+        parts.append("NACK reasons: " + ", ".join(f"{k} {v}" for k, v in after["nacks_by_reason"].items()))
+    return "; ".join(parts) or "no requests refused: is the guest driver loaded and onlining memory?"
+
+
+def run(args) -> int:
+    try:
+        path = find_control_socket(args.control_socket)
+        with Client(path) as client:
+            return _run(client, args)
+    except ControlError as exc:
+        print(f"vmemdev ctl: {exc.desc}", file=sys.stderr)
+        return 1
+    except VmemdevError as exc:
+        print(f"vmemdev ctl: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _emit(args, value, human) -> int:
+    print(json.dumps(value, indent=2) if args.json else human(value))
+    return 0
+
+
+def _run(client: Client, args) -> int:
+    cmd = args.ctl_command
+    if cmd == "status":
+        return _emit(args, client.execute("query-status"), human_status)
+    if cmd in ("limits", "get"):
+        value = client.execute("query-limits")
+        if cmd == "get" and args.name:
+            value = {args.name: value[args.name]}
+            return _emit(args, value, lambda v: f"{args.name} {size_or_dash(v[args.name]) if v[args.name] is not None else 'max'}")
+        return _emit(args, value, human_limits)
+    if cmd == "stats":
+        return _emit(args, client.execute("query-stats"), human_stats)
+    if cmd == "accounting":
+        return _emit(args, client.execute("query-accounting"), human_accounting)
+    if cmd == "set":
+        value = client.execute("set-limit", name=args.name, value=args.value)
+        return _emit(args, value, human_limits)
+    if cmd == "resize":
+        result = client.execute("resize", size=args.size)
+        if not args.wait:
+            return _emit(args, result, lambda r: f"requested {format_size(r['requested_size'])}"
+                         + ("" if r["changed"] else " (unchanged)"))
+        return wait_for_requested(client, args.timeout, args.stall, sys.stdout)
+    if cmd == "events":
+        for event in client.execute("query-events"):
+            print(json.dumps(event) if args.json else human_event(event), flush=True)
+        client.sock.settimeout(None)  # following waits as long as it takes
+        while args.follow:
+            event = client.next_event()
+            print(json.dumps(event) if args.json else human_event(event), flush=True)
+        return 0
+    raise AssertionError(cmd)
