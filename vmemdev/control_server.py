@@ -5,8 +5,9 @@ with ``--control-group`` (checked with SO_PEERCRED, primary and
 supplementary groups). The socket file is 0600, or 0660 owned by that group.
 
 No client can hold up the device or another client: each has its own task,
-lines are bounded (MAX_LINE), writes time out, a client that lets its event
-queue overflow is dropped, and the number of clients is capped.
+lines are bounded (MAX_LINE), a client that does not read for WRITE_TIMEOUT
+seconds while the daemon writes to it is dropped, event queues are bounded
+(see events.py), and the number of clients is capped.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ log = logging.getLogger(__name__)
 MAX_CLIENTS = 64
 WRITE_TIMEOUT = 5.0
 PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a (possibly grouped) exception."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def peer_groups(pid: int) -> set[int]:
@@ -128,8 +136,8 @@ class ControlServer:
             self.clients += 1
             try:
                 await ClientSession(self.service, sock, pid).run()
-            except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
-                log.info("control client pid %d dropped: %s", pid, exc or type(exc).__name__)
+            except* Exception as group:  # a client's failure ends that client only
+                log.info("control client pid %d dropped: %s", pid, describe(group))
             finally:
                 self.clients -= 1
 
@@ -163,19 +171,15 @@ class ClientSession:
         subscription = self.service.events.subscribe()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump_events, subscription, nursery.cancel_scope)
+                nursery.start_soon(self._pump_events, subscription)
                 await self._serve_requests()
                 nursery.cancel_scope.cancel()
         finally:
             subscription.close()
 
-    async def _pump_events(self, subscription, scope: trio.CancelScope) -> None:
+    async def _pump_events(self, subscription) -> None:
         while True:
             event = await subscription.next()
-            if event is None:
-                log.warning("control client pid %d fell behind on events; dropped", self.pid)
-                scope.cancel()
-                return
             await self.send(proto.encode_event(event.to_json()))
 
     async def _serve_requests(self) -> None:
@@ -188,7 +192,10 @@ class ClientSession:
                     await self.send(proto.encode_error("GenericError",
                                                        f"request line longer than {proto.MAX_LINE} bytes"))
                     return
-                chunk = await self.sock.recv(16384)
+                try:
+                    chunk = await self.sock.recv(16384)
+                except OSError:  # reset by a client that left with events unread
+                    return
                 if not chunk:
                     return
                 buffer += chunk

@@ -1,9 +1,9 @@
 """Asynchronous events for operators, QMP-style.
 
 The device publishes; each control-socket client subscribes with a bounded
-queue. Publishing never blocks: a subscriber whose queue is full is marked
-overrun and dropped by its connection, so a client that stops reading can
-never hold up the device. A short history lets ``events`` show what
+queue. Publishing never blocks: when a subscriber's queue is full, newer
+events are dropped for it and it later receives one EVENTS_LOST event with
+the count, so a client that stops reading can never hold up the device. A short history lets ``events`` show what
 happened just before a client connected.
 """
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass, field
+
+import trio
 
 HISTORY = 256
 QUEUE_LIMIT = 1024
@@ -37,27 +39,26 @@ class Subscription:
         self._bus = bus
         self._limit = limit
         self.queue: collections.deque[Event] = collections.deque()
-        self.overrun = False
-        self._wakeup = None
+        self.lost = 0  # events dropped since the queue was last full
+        self._wakeup: trio.Event | None = None
 
     def push(self, event: Event) -> None:
         if len(self.queue) >= self._limit:
-            self.overrun = True
+            self.lost += 1
         else:
             self.queue.append(event)
         if self._wakeup is not None:
             self._wakeup.set()
 
-    async def next(self) -> Event | None:
-        """The next event; None once the subscriber fell too far behind."""
-        import trio
-
-        while not self.queue and not self.overrun:
+    async def next(self) -> Event:
+        """The next event; an EVENTS_LOST event tells a slow reader what it missed."""
+        while not self.queue and not self.lost:
             self._wakeup = trio.Event()
             await self._wakeup.wait()
-        if self.overrun:
-            return None
-        return self.queue.popleft()
+        if self.queue:
+            return self.queue.popleft()
+        lost, self.lost = self.lost, 0
+        return Event("EVENTS_LOST", {"count": lost})
 
     def close(self) -> None:
         self._bus._subscribers.discard(self)
@@ -68,8 +69,8 @@ class EventBus:
         self._subscribers: set[Subscription] = set()
         self.history: collections.deque[Event] = collections.deque(maxlen=HISTORY)
 
-    def publish(self, name: str, **data) -> Event:
-        event = Event(name, data)
+    def publish(self, event_name: str, /, **data) -> Event:
+        event = Event(event_name, data)
         self.history.append(event)
         for sub in list(self._subscribers):
             sub.push(event)

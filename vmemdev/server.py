@@ -26,7 +26,7 @@ import stat
 import trio
 
 from .backend import BackendSession
-from .control_server import ControlServer
+from .control_server import ControlServer, describe
 from .errors import PeerProtocolError, VmemdevError
 from .protocol import vhost_user as vu
 from .service import DeviceService
@@ -48,6 +48,14 @@ class RefusedMessage(PeerProtocolError):
         self.request = request
         self.flags = flags
         super().__init__(reason)
+
+
+def _leaves(group: BaseException):
+    if isinstance(group, BaseExceptionGroup):
+        for exc in group.exceptions:
+            yield from _leaves(exc)
+    else:
+        yield group
 
 
 def _close_all(fds) -> None:
@@ -77,11 +85,14 @@ async def read_message(sock: trio.socket.SocketType) -> tuple[int, int, bytes, t
     truncated = False
     try:
         while len(header) < vu.HEADER.size:
-            data, ancdata, flags, _ = await sock.recvmsg(
-                vu.HEADER.size - len(header),
-                socket.CMSG_SPACE(vu.MAX_FDS * FD_BYTES),
-                socket.MSG_CMSG_CLOEXEC,
-            )
+            try:
+                data, ancdata, flags, _ = await sock.recvmsg(
+                    vu.HEADER.size - len(header),
+                    socket.CMSG_SPACE(vu.MAX_FDS * FD_BYTES),
+                    socket.MSG_CMSG_CLOEXEC,
+                )
+            except OSError as exc:
+                raise ConnectionClosed(f"front-end connection failed: {exc}") from exc
             _take_fds(ancdata, fds)
             truncated |= bool(flags & socket.MSG_CTRUNC)
             if not data:
@@ -95,7 +106,10 @@ async def read_message(sock: trio.socket.SocketType) -> tuple[int, int, bytes, t
             raise ConnectionClosed(f"{exc}; the stream cannot be trusted any more") from exc
         payload = b""
         while len(payload) < size:
-            data = await sock.recv(size - len(payload))
+            try:
+                data = await sock.recv(size - len(payload))
+            except OSError as exc:
+                raise ConnectionClosed(f"front-end connection failed: {exc}") from exc
             if not data:
                 raise ConnectionClosed(
                     f"front-end closed the socket inside {vu.request_name(request)}'s payload"
@@ -160,7 +174,11 @@ class FrontendConnection:
             if reply is not None:
                 if self.tracer:
                     self.tracer.record(False, request, int(vu.REPLY_FLAGS), reply, 0)
-                await self._send(vu.encode_reply(request, reply))
+                try:
+                    await self._send(vu.encode_reply(request, reply))
+                except ConnectionClosed as exc:
+                    log.info("front-end disconnected: %s", exc)
+                    return
 
     async def _dispatch(self, request: int, flags: int, payload: bytes, fds) -> bytes | None:
         try:
@@ -192,9 +210,11 @@ class FrontendConnection:
 
     async def _send(self, data: bytes) -> None:
         view = memoryview(data)
-        while view:
-            sent = await self.sock.send(view)
-            view = view[sent:]
+        try:
+            while view:
+                view = view[await self.sock.send(view):]
+        except OSError as exc:
+            raise ConnectionClosed(f"cannot answer the front-end: {exc}") from exc
 
     # --- config-change notifications (backend channel) -------------------
 
@@ -246,10 +266,10 @@ async def serve_listener(
         service.events.publish("FRONTEND_CONNECTED")
         try:
             await FrontendConnection(sock, service, tracer).run()
-        except VmemdevError as exc:
-            log.error("front-end connection failed: %s", exc)
-        except Exception:
-            log.exception("internal error while serving the front-end; connection closed")
+        except* Exception as group:  # one front-end's failure never stops the daemon
+            expected = all(isinstance(e, (VmemdevError, OSError)) for e in _leaves(group))
+            log.error("front-end connection ended by an error: %s", describe(group),
+                      exc_info=not expected)
         finally:
             service.frontend_attached = False
             service.sessions_ended += 1

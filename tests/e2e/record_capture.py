@@ -194,7 +194,7 @@ class BuiltinDevice:
 # --------------------------------------------------------------------------
 
 
-def qemu_args(info: dict, dev, nodefaults: bool = False) -> list[str]:
+def qemu_args(info: dict, dev, nodefaults: bool = False, extra=()) -> list[str]:
     # The documented line has -nographic; smoke.boot() brings its own serial
     # console and QMP, so -display none gives the same machine (default VGA and
     # NIC included: the VGA window splits guest RAM into two memory regions).
@@ -206,6 +206,7 @@ def qemu_args(info: dict, dev, nodefaults: bool = False) -> list[str]:
         "-object", "memory-backend-memfd,id=ram,size=512M,share=on",
         "-machine", "memory-backend=ram",
         *dev.qemu_device_args(),
+        *extra,
     ]
 
 
@@ -312,7 +313,8 @@ class Scenario:
         say(f"QEMU {self.facts['qemu']}, guest kernel {self.facts['kernel']}, "
             f"device: {self.dev.kind}, workdir {self.workdir}")
         t_boot = time.monotonic()
-        g = smoke.boot(qemu_args(info, self.dev, self.args.nodefaults), workdir=self.workdir,
+        g = smoke.boot(qemu_args(info, self.dev, self.args.nodefaults, self.args.qemu_arg),
+                       workdir=self.workdir,
                        ready_timeout=self.args.ready_timeout)
         self.shared["guest"] = g
         try:
@@ -342,6 +344,8 @@ class Scenario:
         first = Step("start", self.args.steps[0], t_from="QEMU start")
         self.wait_step(g, first, base_kb, g.t_start, None, self.args.step_timeout + 120)
         self.record(g, first, base_kb)
+        first.notes.append("times are upper bounds: the first poll is after the agent is up; "
+                           "see the dmesg timestamps for when the driver plugged")
         self.steps.append(first)
         st, probe = g.run("dmesg | grep -i virtio_mem")
         self.facts["probe"] = probe.strip()
@@ -420,7 +424,7 @@ class Scenario:
         po["guest console during poweroff"] = g.serial.lines[self.console_mark:][-40:]
         with contextlib.suppress(OSError):
             po["qemu.log"] = g.qemu_log.read_text(errors="replace").strip()
-        if g._qmp is not None:
+        if g._qmp is not None and g._qmp.events:
             po["QMP events"] = [e.get("event") for e in g._qmp.events]
 
     def _trace_since(self, t_wall: float, n_before: int) -> list[str]:
@@ -456,8 +460,10 @@ class Scenario:
                     return (task / name).read_text().strip()
                 except OSError as e:
                     return f"({e})"
+            stat = rd("stat")
+            state = stat.rpartition(")")[2].split()[0] if ")" in stat else "?"
             lines.append(f"\n--- thread {task.name} {rd('comm')} wchan={rd('wchan')} "
-                         f"state={rd('stat').split()[2] if rd('stat')[:1].isdigit() else '?'}")
+                         f"state={state}")
             lines.append(f"syscall: {rd('syscall')}")
             lines.append(rd("stack"))
         lines.append("\n--- fds ---")
@@ -466,7 +472,9 @@ class Scenario:
                 with contextlib.suppress(OSError):
                     lines.append(f"{fd} -> {os.readlink(f'/proc/{pid}/fd/{fd}')}")
         for cmd, tmo in (
+            # QEMU runs chrooted: let gdb take the libraries from QEMU's root
             (["gdb", "-p", str(pid), "-batch", "-nx", "-ex", "set pagination off",
+              "-ex", f"set sysroot /proc/{pid}/root",
               "-ex", "thread apply all bt"], 120),
             (["strace", "-f", "-tt", "-p", str(pid)], 3),
         ):
@@ -660,9 +668,18 @@ def main() -> int:
                     help="requested sizes in MiB, the first at start (default 256,512,128,0)")
     ap.add_argument("--nodefaults", action="store_true",
                     help="add -nodefaults (no default VGA/NIC; RAM becomes one memory region)")
+    ap.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
+                    help="append ARG to QEMU's command line (repeatable; use --qemu-arg=-x)")
+    ap.add_argument("--qemu-trace", action="store_true",
+                    help="log QEMU trace events virtio_set_status, qemu_system_shutdown_request, "
+                         "runstate_set (timestamped) to WORKDIR/qemu.log")
     ap.add_argument("--keep", action="store_true", help="keep the work directory on success")
     ap.add_argument("--log-level", default="info", help="vmemdev log level (to WORKDIR/vmemdev.log)")
     args = ap.parse_args()
+    if args.qemu_trace:
+        args.qemu_arg += ["-msg", "timestamp=on"]
+        for ev in ("virtio_set_status", "qemu_system_shutdown_request", "runstate_set"):
+            args.qemu_arg += ["-trace", ev]
 
     workdir = make_workdir()
     if args.builtin:
