@@ -1,0 +1,212 @@
+"""`vmemdev ctl` against a real `vmemdev serve` process, and limits in a real cgroup."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import trio
+
+from vmemdev.limits import Cgroup
+from vmemdev.protocol.virtio_mem import ResponseType
+from vmemdev.testing.frontend import Frontend
+from vmemdev.testing.guest import SimulatedLinuxGuest
+
+MiB = 1 << 20
+A = 1 << 32
+VMEMDEV = [sys.executable, "-m", "vmemdev"]
+
+
+class Daemon:
+    """`vmemdev serve` as a separate process, as an operator runs it."""
+
+    def __init__(self, tmp_path, *args, cgroup_procs: str | None = None):
+        self.sock = str(tmp_path / "vm0.sock")
+        self.ctl = str(tmp_path / "vm0.ctl")  # the documented default next to the socket
+        self.log = open(tmp_path / "daemon.log", "w+")
+
+        def enter_cgroup():
+            if cgroup_procs:
+                with open(cgroup_procs, "w") as f:
+                    f.write(str(os.getpid()))
+
+        self.proc = subprocess.Popen(VMEMDEV + ["serve", "--socket-path", self.sock, *args],
+                                     stderr=self.log, preexec_fn=enter_cgroup)
+        deadline = time.monotonic() + 15
+        while not os.path.exists(self.ctl):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("daemon did not start: " + self.logs())
+            time.sleep(0.02)
+
+    def logs(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(timeout=10)
+
+
+async def ctl(daemon: Daemon, *args) -> tuple[int, str, str]:
+    result = await trio.run_process(VMEMDEV + ["ctl", "--control-socket", daemon.ctl, *args],
+                                    capture_stdout=True, capture_stderr=True, check=False)
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def attach_guest(nursery, daemon: Daemon, run_guest: bool = True):
+    fe = Frontend(daemon.sock)
+    await fe.realize()
+    nursery.start_soon(fe.watch_backend_channel)
+    await fe.start()
+    guest = SimulatedLinuxGuest(fe)
+    if run_guest:
+        await nursery.start(guest.run)
+    return fe, guest
+
+
+async def test_ctl_commands_drive_a_real_daemon(nursery, tmp_path):
+    daemon = Daemon(tmp_path)
+    try:
+        fe, guest = await attach_guest(nursery, daemon)
+        rc, out, err = await ctl(daemon, "resize", "256M", "--wait", "--timeout", "60")
+        assert rc == 0 and "reached 256M" in out, out + err
+        rc, out, _ = await ctl(daemon, "status")
+        assert rc == 0 and "plugged     256M" in out and "front-end   attached" in out
+        rc, out, _ = await ctl(daemon, "--json", "status")
+        assert json.loads(out)["plugged_size"] == 256 * MiB
+        rc, out, err = await ctl(daemon, "resize", "3M")
+        assert rc == 1 and "not a multiple of the block size" in err
+        rc, out, err = await ctl(daemon, "resize", "4G")
+        assert rc == 1 and "larger than the region" in err
+        rc, out, _ = await ctl(daemon, "set", "memory.max", "128M")
+        assert rc == 0 and "memory.max   128M" in out
+        rc, out, err = await ctl(daemon, "resize", "256M")
+        assert rc == 1 and "above memory.max" in err
+        rc, out, _ = await ctl(daemon, "resize", "128M", "--wait", "--timeout", "60")
+        assert rc == 0, out
+        rc, out, _ = await ctl(daemon, "get", "memory.max")
+        assert out.strip() == "memory.max 128M"
+        rc, out, _ = await ctl(daemon, "accounting")
+        assert "outside plugged       0 (must be 0)" in out and "host allocated        128M" in out
+        rc, out, _ = await ctl(daemon, "stats")
+        assert "PLUG" in out and "UNPLUG" in out and "discarded   128M" in out
+        rc, out, _ = await ctl(daemon, "events")
+        assert "CONFIG_CHANGE_SENT" in out and "LIMIT_CHANGED" in out and "FRONTEND_CONNECTED" in out
+        rc, out, _ = await ctl(daemon, "set", "memory.max", "max")
+        assert "memory.max   max" in out
+        guest.check_contents()
+        await fe.close()
+        fe.release()
+    finally:
+        assert daemon.stop() == 0
+
+
+async def test_resize_wait_reports_a_stalled_guest(nursery, tmp_path):
+    daemon = Daemon(tmp_path)
+    try:
+        fe, guest = await attach_guest(nursery, daemon, run_guest=False)  # a driver that never plugs
+        rc, out, _ = await ctl(daemon, "resize", "256M", "--wait", "--stall", "1", "--timeout", "30")
+        assert rc == 1
+        assert "stopped at plugged 0 of requested 256M" in out and "no progress for 1 s" in out
+        assert "is the guest driver loaded" in out
+        await fe.close()
+        fe.release()
+        with trio.fail_after(10):
+            while True:
+                rc, out, _ = await ctl(daemon, "resize", "128M", "--wait")
+                if "no front-end is attached" in out:
+                    break
+        assert rc == 1
+    finally:
+        daemon.stop()
+
+
+async def test_ctl_without_a_daemon_says_so(tmp_path):
+    result = await trio.run_process(VMEMDEV + ["ctl", "--control-socket", str(tmp_path / "none.ctl"), "status"],
+                                    capture_stderr=True, check=False)
+    assert result.returncode == 1 and b"cannot connect to the control socket" in result.stderr
+
+
+def test_cgroup_v2_files_are_read(tmp_path):
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "memory.current").write_text("1048576\n")
+    cg = Cgroup(str(tmp_path))
+    assert cg.version == 2 and cg.read().limit is None and cg.check_headroom(1 << 40) is None
+    (tmp_path / "memory.max").write_text(str(64 * MiB))
+    assert cg.check_headroom(32 * MiB) is None
+    assert "headroom" in cg.check_headroom(63 * MiB)  # 63M + margin > 64M - 1M
+
+
+def test_not_a_cgroup_is_a_clear_error(tmp_path):
+    with pytest.raises(Exception, match="is not a memory cgroup"):
+        Cgroup(str(tmp_path))
+
+
+V1_ROOT = "/sys/fs/cgroup/memory"
+
+
+def v1_usage(path: str) -> int:
+    return Cgroup(path).read().usage
+
+
+@pytest.fixture
+def child_cgroup():
+    if not os.access(V1_ROOT, os.W_OK) or not os.path.exists(os.path.join(V1_ROOT, "memory.limit_in_bytes")):
+        pytest.skip("needs a writable cgroup v1 memory controller (root on this project's machines)")
+    # Under our own cgroup, so the parent's limits apply as they would to a VM.
+    own = next(line.split(":", 2)[2].strip() for line in open("/proc/self/cgroup")
+               if line.split(":")[1] == "memory")
+    path = os.path.join(V1_ROOT + own, f"vmemdev-test-{uuid.uuid4().hex[:8]}")
+    os.mkdir(path)
+    yield path
+    for _ in range(50):
+        try:
+            os.rmdir(path)
+            break
+        except OSError:
+            time.sleep(0.1)
+
+
+async def test_prealloc_charges_a_real_cgroup_and_headroom_stops_plugs(nursery, tmp_path, child_cgroup):
+    limit = 384 * MiB
+    with open(os.path.join(child_cgroup, "memory.limit_in_bytes"), "w") as f:
+        f.write(str(limit))
+    daemon = Daemon(tmp_path, "--cgroup", child_cgroup, "--prealloc",
+                    cgroup_procs=os.path.join(child_cgroup, "cgroup.procs"))
+    try:
+        fe, _ = await attach_guest(nursery, daemon, run_guest=False)
+        base = v1_usage(child_cgroup)
+        rc, _, err = await ctl(daemon, "resize", "1G")
+        assert rc == 0, err
+        # Preallocation charges the daemon's cgroup: usage rises by what was plugged.
+        assert await fe.plug(A, 64) == ResponseType.ACK
+        after_plug = v1_usage(child_cgroup)
+        assert 128 * MiB <= after_plug - base <= 128 * MiB + 8 * MiB
+        assert fe.dimm_allocated() == 128 * MiB
+        # Unplugging uncharges.
+        assert await fe.unplug(A, 64) == ResponseType.ACK
+        assert v1_usage(child_cgroup) - base < 8 * MiB
+        assert fe.dimm_allocated() == 0
+        # Plug until the cgroup has no headroom: NACK with the reason, never an OOM kill.
+        answers = []
+        for i in range(8):
+            answers.append(await fe.plug(A + i * 64 * 2 * MiB, 64))
+            if answers[-1] != ResponseType.ACK:
+                break
+        assert answers[-1] == ResponseType.NACK and answers.count(ResponseType.ACK) == 2
+        assert v1_usage(child_cgroup) <= limit
+        assert daemon.proc.poll() is None  # alive
+        rc, out, _ = await ctl(daemon, "--json", "stats")
+        assert json.loads(out)["nacks_by_reason"] == {"cgroup": 1}
+        rc, out, _ = await ctl(daemon, "limits")
+        assert child_cgroup in out and "limit 384M" in out
+        assert "has" in daemon.logs() and "bytes of headroom" in daemon.logs()
+        await fe.close()
+        fe.release()
+    finally:
+        assert daemon.stop() == 0
