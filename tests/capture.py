@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
-QEMU_11_1_CAPTURE = DATA / "qemu-11.1.3-linux-7.2-virtio-mem.jsonl"
+QEMU_11_1_CAPTURE = DATA / "qemu-11.1.3-linux-7.2-virtio-mem.jsonl"  # QEMU vs a minimal backend
+# QEMU 11.1.3 + Linux 7.2 against vmemdev itself (tests/e2e/record_capture.py).
+VMEMDEV_CAPTURE = DATA / "vmemdev-qemu-11.1.3-linux-7.2.jsonl"
+ALL_CAPTURES = (QEMU_11_1_CAPTURE, VMEMDEV_CAPTURE)
 
 
 @dataclass(frozen=True)

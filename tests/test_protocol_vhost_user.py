@@ -12,7 +12,7 @@ from vmemdev.errors import PeerProtocolError
 from vmemdev.protocol import vhost_user as vu
 from vmemdev.protocol.vhost_user import Request
 
-from .capture import load
+from .capture import ALL_CAPTURES, load
 
 CAPTURE = load()
 u32 = st.integers(0, 2**32 - 1)
@@ -23,9 +23,10 @@ def fake_fds(n: int) -> tuple[int, ...]:
     return tuple(range(1000, 1000 + n))
 
 
-def test_every_captured_frontend_message_decodes():
+@pytest.mark.parametrize("capture", ALL_CAPTURES, ids=lambda p: p.stem)
+def test_every_captured_frontend_message_decodes(capture):
     seen = set()
-    for msg in (c for c in CAPTURE if c.frontend):
+    for msg in (c for c in load(capture) if c.frontend):
         decoded = vu.decode(msg.request, msg.flags, msg.payload, fake_fds(msg.nfds))
         assert decoded.request == msg.request
         seen.add(Request(msg.request).name)
