@@ -13,7 +13,7 @@ import sys
 
 import trio
 
-from . import __version__
+from . import __version__, systemd
 from .backend import OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES
 from .device import Geometry
 from .errors import ConfigError, VmemdevError
@@ -90,12 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the backend's capabilities as JSON and exit")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                         help="default: info for serve, warning for demo")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="text lines (journald priorities when run by systemd) or JSON lines")
+    parser.add_argument("--instance", help="name in every log line (default: from the socket name)")
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
 
     serve = sub.add_parser("serve", help="serve one virtio-mem device to a vhost-user front-end")
     where = serve.add_mutually_exclusive_group()
     where.add_argument("--socket-path", help="Unix socket to listen on")
-    where.add_argument("--fd", type=int, help="an already listening socket (e.g. from systemd)")
+    where.add_argument("--fd", type=int,
+                       help="an already listening socket (default with socket activation: LISTEN_FDS)")
     serve.add_argument("--print-capabilities", action="store_true",
                        help="print the backend's capabilities as JSON and exit")
     serve.add_argument("--trace-file", metavar="PATH",
@@ -152,12 +156,14 @@ def _geometry(parser: argparse.ArgumentParser, args) -> Geometry:
         parser.error(str(exc))
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s vmemdev %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def instance_name(args) -> str:
+    if args.instance:
+        return args.instance
+    path = getattr(args, "socket_path", None)
+    if path:
+        name = os.path.basename(path)
+        return name[:-5] if name.endswith(".sock") else name
+    return os.environ.get("VMEMDEV_INSTANCE", "vmemdev")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import ctl
 
         return ctl.run(args)
-    setup_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
+    systemd.setup_logging(args.log_level or ("info" if args.command == "serve" else "warning"),
+                          instance_name(args), args.log_format)
     geometry = _geometry(parser, args)
     from .limits import Cgroup
     from .service import DeviceService, Limits
@@ -193,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.command == "serve":
         if args.socket_path is None and args.fd is None:
-            parser.error("serve needs --socket-path PATH or --fd N")
+            activated = systemd.listen_fds()
+            if not activated:
+                parser.error("serve needs --socket-path PATH, --fd N or systemd socket activation")
+            args.fd = activated.get("vhost-user", next(iter(activated.values())))
         if args.fd is not None and args.fd < 0:
             parser.error("--fd must be a non-negative file descriptor")
         from .control_server import ControlServer

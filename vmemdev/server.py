@@ -25,11 +25,13 @@ import stat
 
 import trio
 
+from . import systemd
 from .backend import BackendSession
 from .control_server import ControlServer, describe
 from .errors import PeerProtocolError, VmemdevError
 from .protocol import vhost_user as vu
 from .service import DeviceService
+from .sizes import format_size
 from .trace import Tracer
 
 log = logging.getLogger(__name__)
@@ -315,6 +317,23 @@ async def bind_unix_listener(path: str) -> trio.socket.SocketType:
     return sock
 
 
+def status_line(service: DeviceService) -> str:
+    d = service.device
+    return (f"plugged {format_size(d.plugged_size)}, requested {format_size(d.requested_size)}, "
+            f"front-end {'attached' if service.frontend_attached else 'waiting'}")
+
+
+async def report_status(service: DeviceService, interval: float = 1.0) -> None:
+    """Keep systemd's STATUS= (systemctl status) current."""
+    last = None
+    while True:
+        line = status_line(service)
+        if line != last:
+            systemd.notify("STATUS=" + line)
+            last = line
+        await trio.sleep(interval)
+
+
 async def serve(
     service: DeviceService,
     *,
@@ -348,9 +367,12 @@ async def serve(
                 if control is not None:
                     await nursery.start(control.run)
                 await nursery.start(service.monitor)
+                nursery.start_soon(report_status, service)
+                systemd.notify("READY=1")
                 task_status.started()
                 async for signum in signals:
                     log.info("received %s, exiting", signal.Signals(signum).name)
+                    systemd.notify("STOPPING=1")
                     nursery.cancel_scope.cancel()
                     break
     finally:

@@ -1,0 +1,148 @@
+"""systemd integration: the units, sd_notify, socket activation, journal-aware logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from vmemdev.testing.frontend import Frontend
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "systemd"
+VMEMDEV = [sys.executable, "-m", "vmemdev"]
+SECURITY_THRESHOLD = 2.0  # systemd-analyze security exposure, 0 (best) .. 10
+
+needs_systemd_tools = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                                         reason="systemd-analyze is not installed")
+
+
+def units_for_this_machine(tmp_path: Path) -> list[Path]:
+    """The units as shipped, with ExecStart pointing at this checkout's vmemdev.
+
+    /usr/local/bin/vmemdev is where `pip install .` puts it for the system Python;
+    verify checks that the binary exists, so point it at the one we test.
+    """
+    binary = shutil.which("vmemdev") or str(Path(sys.executable).with_name("vmemdev"))
+    out = []
+    for unit in ("vmemdev@.service", "vmemdev@.socket"):
+        text = (UNITS / unit).read_text().replace("/usr/local/bin/vmemdev", binary)
+        (tmp_path / unit).write_text(text)
+        out.append(tmp_path / unit)
+    return out
+
+
+@needs_systemd_tools
+def test_units_verify_without_any_output(tmp_path):
+    units = units_for_this_machine(tmp_path)
+    result = subprocess.run(["systemd-analyze", "verify", *map(str, units)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    # verify exits 0 even on unknown keys: any output is a failure.
+    assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), \
+        result.stdout + result.stderr
+
+
+@needs_systemd_tools
+def test_service_hardening_exposure(tmp_path):
+    service = units_for_this_machine(tmp_path)[0]
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(service)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    line = next(l for l in result.stdout.splitlines() if "Overall exposure level" in l)
+    exposure = float(line.split(":")[1].split()[0])
+    assert exposure <= SECURITY_THRESHOLD, line
+
+
+def _notify_socket(tmp_path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(10)
+    return sock
+
+
+def _wait_for(path: Path, proc, timeout=15):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, "daemon exited"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def test_type_notify_ready_status_stopping(tmp_path):
+    notify = _notify_socket(tmp_path)
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
+    proc = subprocess.Popen(VMEMDEV + ["serve", "--socket-path", str(tmp_path / "vm0.sock"),
+                                       "--requested-size", "64M"], env=env, stderr=subprocess.PIPE)
+    try:
+        messages = [notify.recv(4096).decode() for _ in range(2)]
+        assert "READY=1" in messages
+        status = next(m for m in messages if m.startswith("STATUS="))
+        assert status == "STATUS=plugged 0, requested 64M, front-end waiting"
+        proc.send_signal(signal.SIGTERM)
+        assert notify.recv(4096).decode() == "STOPPING=1"
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        notify.close()
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate is not installed")
+async def test_socket_activation_with_systemd_socket_activate(tmp_path):
+    sock_path = tmp_path / "vm0.sock"
+    ctl_path = tmp_path / "vm0.ctl"
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(sock_path), "--fdname=vhost-user",
+         *VMEMDEV, "--instance", "vm0", "serve", "--control-socket", str(ctl_path),
+         "--requested-size", "32M"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(sock_path, proc)
+        fe = Frontend(str(sock_path))  # the first connection starts the daemon
+        with trio.fail_after(20):
+            await fe.realize()
+            assert (await fe.get_config()).requested_size == 32 << 20
+        await fe.close()
+        fe.release()
+        _wait_for(ctl_path, proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    err = proc.stderr.read()
+    assert "serving virtio-mem on fd 3" in err and "vmemdev[vm0]" in err
+
+
+def test_journal_aware_and_json_logs(tmp_path):
+    log_file = tmp_path / "stderr"
+    with open(log_file, "w") as err:
+        st = os.fstat(err.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+        proc = subprocess.Popen(VMEMDEV + ["serve", "--socket-path", str(tmp_path / "vm7.sock")],
+                                env=env, stderr=err)
+        _wait_for(tmp_path / "vm7.ctl", proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    lines = log_file.read_text().splitlines()
+    assert lines and all(l.startswith("<6>vmemdev[vm7] INFO ") or l.startswith("<4>") for l in lines), lines
+
+    proc = subprocess.run(VMEMDEV + ["--log-format", "json", "--instance", "web1", "serve",
+                                     "--socket-path", str(tmp_path / "vm8.sock"), "--block-size", "3M"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2  # usage errors stay one plain line
+    proc = subprocess.Popen(VMEMDEV + ["--log-format", "json", "--instance", "web1", "serve",
+                                       "--socket-path", str(tmp_path / "vm8.sock")],
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / "vm8.ctl", proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+    records = [json.loads(l) for l in proc.stderr.read().splitlines()]
+    assert records and all(r["instance"] == "web1" for r in records)
+    assert any(r["msg"] == "received SIGTERM, exiting" for r in records)
