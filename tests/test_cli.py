@@ -131,3 +131,17 @@ def test_a_busy_socket_path_is_reported(tmp_path):
     result = run("serve", "--socket-path", str(path))
     assert result.returncode == 1 and "exists and is not a socket" in result.stderr
     assert path.read_text() == "x"
+
+
+def test_backend_program_convention_without_the_serve_word(tmp_path):
+    """QEMU's tooling starts backends as `BINARY --socket-path PATH` (or --fd)."""
+    path = tmp_path / "vm3.sock"
+    proc = subprocess.Popen(VMEMDEV + ["--socket-path", str(path), "--log-level", "debug"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(path.exists)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+    assert "vmemdev[vm3] INFO" in proc.stderr.read()

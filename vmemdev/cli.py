@@ -83,19 +83,40 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _logging_options(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """Accepted before or after the command; the command's copy only overrides."""
+    keep = {} if defaults else {"default": argparse.SUPPRESS}
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="default: info for serve, warning for demo", **({"default": None} | keep))
+    p.add_argument("--log-format", choices=["text", "json"],
+                   help="text lines (journald priorities when run by systemd) or JSON lines",
+                   **({"default": "text"} | keep))
+    p.add_argument("--instance", help="name in every log line (default: from the socket name)",
+                   **({"default": None} | keep))
+
+
+COMMANDS = ("serve", "ctl", "demo")
+
+
+def backend_convention(argv: list[str]) -> list[str]:
+    """`vmemdev --socket-path P ...` (how QEMU tooling starts backends) means `serve`."""
+    if any(a in COMMANDS for a in argv):
+        return argv
+    if any(a.split("=")[0] in ("--socket-path", "--fd") for a in argv):
+        return ["serve", *argv]
+    return argv
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="vmemdev", description="virtio-mem vhost-user backend")
     parser.add_argument("--version", action="version", version=f"vmemdev {__version__}")
     parser.add_argument("--print-capabilities", action="store_true",
                         help="print the backend's capabilities as JSON and exit")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                        help="default: info for serve, warning for demo")
-    parser.add_argument("--log-format", choices=["text", "json"], default="text",
-                        help="text lines (journald priorities when run by systemd) or JSON lines")
-    parser.add_argument("--instance", help="name in every log line (default: from the socket name)")
+    _logging_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
 
     serve = sub.add_parser("serve", help="serve one virtio-mem device to a vhost-user front-end")
+    _logging_options(serve, defaults=False)
     where = serve.add_mutually_exclusive_group()
     where.add_argument("--socket-path", help="Unix socket to listen on")
     where.add_argument("--fd", type=int,
@@ -143,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--follow", "-f", action="store_true")
 
     demo = sub.add_parser("demo", help="serve a device to a built-in simulated QEMU + Linux guest")
+    _logging_options(demo, defaults=False)
     _device_options(demo)
     demo.add_argument("--steps", default="256M,768M,128M,0",
                       help="requested sizes to walk through (default 256M,768M,128M,0)")
@@ -172,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(capabilities()))
         return 0
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(backend_convention(argv))
     if args.command is None:
         parser.error("a command is needed: serve or demo")
     if args.command == "ctl":
