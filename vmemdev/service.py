@@ -227,6 +227,7 @@ class DeviceService:
         fp = self.footprint()
         return {
             "plugged_size": self.device.plugged_size,
+            "plugged_ranges": [list(r) for r in self.device.plugged_ranges()],
             "host_allocated": fp.allocated if fp else None,
             "allocated_extents": [list(e) for e in fp.extents] if fp else None,
             "allocated_outside_plugged": fp.outside_plugged if fp else None,
