@@ -364,43 +364,12 @@ class BackendSession:
         except ChainError as exc:
             log.error("guest driver bug: %s; returned unused", exc)
             return 0
-        request = self._read_request(chain)
+        request = read_request(self.memory, chain)
         if request is None:
             return 0
         response = await self.service.execute(request)
         log.debug("%s -> %s", request, response)
-        self._write_response(chain, response.pack())
-        return vm.RESPONSE_SIZE
-
-    def _read_request(self, chain: Chain) -> vm.MemRequest | None:
-        data = bytearray()
-        for buf in chain.readable:
-            take = min(buf.length, vm.REQUEST_SIZE - len(data))
-            data += self.memory.read(buf.addr, take)
-            if len(data) == vm.REQUEST_SIZE:
-                break
-        writable = sum(buf.length for buf in chain.writable)
-        problem = None
-        if len(data) < vm.REQUEST_SIZE:
-            problem = f"request is {len(data)} bytes, shorter than {vm.REQUEST_SIZE}"
-        elif writable < vm.RESPONSE_SIZE:
-            problem = f"writable space is {writable} bytes, shorter than the {vm.RESPONSE_SIZE}-byte response"
-        else:
-            request = vm.MemRequest.unpack(data)
-            if request.type in vm.RequestType._value2member_map_:
-                return request
-            problem = f"unknown request type {request.type}"
-        log.error("guest driver bug at head %d: %s; returned unused, nothing done", chain.head, problem)
-        return None
-
-    def _write_response(self, chain: Chain, data: bytes) -> None:
-        pos = 0
-        for buf in chain.writable:
-            take = min(buf.length, len(data) - pos)
-            self.memory.write(buf.addr, data[pos : pos + take])
-            pos += take
-            if pos == len(data):
-                return
+        return write_response(self.memory, chain, response.pack())
 
     # --- teardown --------------------------------------------------------------
 
@@ -411,3 +380,40 @@ class BackendSession:
         if self.service.memory is self.memory:
             self.service.memory = None
         self.memory.close()
+
+
+# --- virtio-mem requests in guest memory (chains are bounds-checked already) --
+
+
+def read_request(memory: GuestMemory, chain: Chain) -> vm.MemRequest | None:
+    """The 24-byte request gathered from the readable buffers, or None (logged)."""
+    data = bytearray()
+    for buf in chain.readable:
+        take = min(buf.length, vm.REQUEST_SIZE - len(data))
+        data += memory.read(buf.addr, take)
+        if len(data) == vm.REQUEST_SIZE:
+            break
+    writable = sum(buf.length for buf in chain.writable)
+    if len(data) < vm.REQUEST_SIZE:
+        problem = f"request is {len(data)} bytes, shorter than {vm.REQUEST_SIZE}"
+    elif writable < vm.RESPONSE_SIZE:
+        problem = f"writable space is {writable} bytes, shorter than the {vm.RESPONSE_SIZE}-byte response"
+    else:
+        request = vm.MemRequest.unpack(data)
+        if request.type in vm.RequestType._value2member_map_:
+            return request
+        problem = f"unknown request type {request.type}"
+    log.error("guest driver bug at head %d: %s; returned unused, nothing done", chain.head, problem)
+    return None
+
+
+def write_response(memory: GuestMemory, chain: Chain, data: bytes) -> int:
+    """Scatter the response over the writable buffers; returns the bytes written."""
+    pos = 0
+    for buf in chain.writable:
+        take = min(buf.length, len(data) - pos)
+        memory.write(buf.addr, data[pos : pos + take])
+        pos += take
+        if pos == len(data):
+            break
+    return pos

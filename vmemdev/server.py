@@ -15,6 +15,7 @@ sends UNPLUG_ALL first, which discards through the new memory table.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import functools
 import logging
@@ -341,9 +342,14 @@ async def serve(
     listen_fd: int | None = None,
     trace_path: str | None = None,
     control: ControlServer | None = None,
+    handle_signals: bool = True,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the device (and its control socket) until cancelled or SIGTERM/SIGINT."""
+    """Run the device (and its control socket) until cancelled or SIGTERM/SIGINT.
+
+    ``handle_signals=False`` lets an embedding program (or a test running Trio
+    outside the main thread) keep signals to itself.
+    """
     if listen_fd is not None:
         listener = trio.socket.from_stdlib_socket(socket.socket(fileno=listen_fd))
         where = f"fd {listen_fd}"
@@ -361,7 +367,9 @@ async def serve(
     )
     tracer = Tracer.open(trace_path) if trace_path else None
     try:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with contextlib.ExitStack() as stack:
+            signals = stack.enter_context(trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT)) \
+                if handle_signals else None
             async with trio.open_nursery() as nursery:
                 await nursery.start(functools.partial(serve_listener, listener, service, tracer=tracer))
                 if control is not None:
@@ -370,6 +378,8 @@ async def serve(
                 nursery.start_soon(report_status, service)
                 systemd.notify("READY=1")
                 task_status.started()
+                if signals is None:
+                    await trio.sleep_forever()
                 async for signum in signals:
                     log.info("received %s, exiting", signal.Signals(signum).name)
                     systemd.notify("STOPPING=1")

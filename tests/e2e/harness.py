@@ -523,14 +523,15 @@ class Lab:
         return {"first_change": t_first, "memtotal": t_mem, "plugged": t_plug}
 
     def resize_and_wait(self, target: int, *, scenario: str, label: str,
-                        timeout: float = STEP_TIMEOUT) -> dict:
+                        timeout: float = STEP_TIMEOUT, record_it: bool = True) -> dict:
         before_kb = self.memtotal()
         t0 = time.monotonic()
         self.device.resize(target)
         t = self.wait_target(target, t0=t0, where=f"{label}", timeout=timeout,
                              before_kb=before_kb)
-        record(scenario, f"{label}: resize -> plugged reached", self.kind, t["plugged"])
-        record(scenario, f"{label}: resize -> MemTotal reached", self.kind, t["memtotal"])
+        if record_it:
+            record(scenario, f"{label}: resize -> plugged reached", self.kind, t["plugged"])
+            record(scenario, f"{label}: resize -> MemTotal reached", self.kind, t["memtotal"])
         return t
 
     # -- the end -----------------------------------------------------------

@@ -1,0 +1,493 @@
+"""The benchmarks. Each returns a JSON-able dict; targets go to ``run.target``.
+
+Every subject is measured in the same run as its baseline, interleaved
+(A B / B A ... or rotating rounds), and the report gives medians and the
+median of the per-pair ratios, so load from other tenants hits both sides.
+"""
+
+from __future__ import annotations
+
+import glob
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from vmemdev import native
+
+from . import client as C
+from .common import (BLOCK, BenchError, Daemon, GiB, Helper, MiB, TiB, lat_summary, mem_available, median,
+                     pct, populate_checked, proc_status, spawn_echo, stop_process)
+
+REQ_BLOCKS = 64  # what the Linux driver sends: one 128 MiB memory block per request
+REQ_BYTES = REQ_BLOCKS * BLOCK
+ADDR = 0x1_0000_0000
+
+
+@dataclass
+class Run:
+    quick: bool
+    helper: Helper
+    targets: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    def target(self, bench: str, what: str, value: float, limit: float, kind: str, unit: str = "",
+               note: str = "") -> bool:
+        met = value >= limit if kind == ">=" else value <= limit
+        self.targets.append({"bench": bench, "what": what, "value": value, "target": f"{kind} {limit:g}{unit}",
+                             "unit": unit, "met": bool(met), "note": note})
+        return met
+
+
+def _gc_off():
+    gc.collect()
+    gc.disable()
+
+
+def _dimm_addr(fe) -> int:
+    return native.buffer_address(fe.ram.dimm)
+
+
+def _assert_alloc(fe, expected: int, what: str) -> None:
+    got = native.allocated_bytes(fe.ram.dimm_fd)
+    if got != expected:
+        raise BenchError(f"{what}: the DIMM holds {got} bytes, expected {expected}")
+
+
+async def _session(daemon: Daemon, body):
+    """Attach a front-end to `daemon`, run `body(fe)` (sync), detach."""
+    fe = await C.attach(daemon.socket_path, daemon.region_addr, daemon.region_size)
+    try:
+        return body(fe)
+    finally:
+        await fe.close()
+        fe.release()
+
+
+def in_session(daemon: Daemon, body):
+    return trio.run(_session, daemon, body)
+
+
+# --- 1. unplug throughput --------------------------------------------------------
+
+
+def _plug_all(rc: C.RingClient, size: int, nb: int = REQ_BLOCKS) -> None:
+    for off in range(0, size, nb * BLOCK):
+        rc.ack(C.PLUG, ADDR + off, min(nb, (size - off) // BLOCK))
+
+
+def _unplug_timed(rc: C.RingClient, size: int, nb: int) -> tuple[int, list[int]]:
+    """Unplug [0, size) in nb-block requests; (wall ns first publish -> last used, per-request ns)."""
+    per = []
+    t0 = time.perf_counter_ns()
+    for off in range(0, size, nb * BLOCK):
+        per.append(rc.ack(C.UNPLUG, ADDR + off, min(nb, (size - off) // BLOCK)))
+    return time.perf_counter_ns() - t0, per
+
+
+def _fit_size(want: int, reserve: int = 2 * GiB) -> tuple[int, str | None]:
+    avail = mem_available()
+    if avail - want >= reserve:
+        return want, None
+    fit = max(0, (avail - reserve) // GiB) * GiB
+    if fit < GiB:
+        raise BenchError(f"only {avail / GiB:.1f} GiB available: cannot populate even 1 GiB")
+    return fit, (f"scaled down from {want // GiB} GiB to {fit // GiB} GiB: MemAvailable was "
+                 f"{avail / GiB:.1f} GiB (keeping {reserve // GiB} GiB free, no swap)")
+
+
+def unplug_throughput(run: Run) -> dict:
+    sizes = [GiB] if run.quick else [GiB, 16 * GiB]
+    reps = 2 if run.quick else 3
+    h = run.helper
+    out: dict = {"baseline": "C helper (bench/helper.c): fallocate(PUNCH_HOLE|KEEP_SIZE) of the same 128 MiB "
+                             "ranges in a tight loop, timed in C",
+                 "populate": "MADV_POPULATE_WRITE, 2 threads, through the front-end's mapping of the DIMM",
+                 "sizes": []}
+    for want in sizes:
+        size, note = _fit_size(want)
+        if note:
+            run.notes.append("unplug throughput: " + note)
+        with Daemon(region_size=size, requested_size=size) as d:
+            def body(fe):
+                rc = C.RingClient(fe)
+                addr = _dimm_addr(fe)
+                subj, raw, ratios, per_req = [], [], [], []
+                for rep in range(reps):
+                    order = ("subject", "raw") if rep % 2 == 0 else ("raw", "subject")
+                    t = {}
+                    for kind in order:
+                        if kind == "subject":
+                            _plug_all(rc, size)
+                            populate_checked(h, addr, size)
+                            _assert_alloc(fe, size, "after populate")
+                            _gc_off()
+                            try:
+                                t[kind], per = _unplug_timed(rc, size, REQ_BLOCKS)
+                            finally:
+                                gc.enable()
+                            per_req += per
+                        else:
+                            populate_checked(h, addr, size)
+                            _assert_alloc(fe, size, "after populate")
+                            t[kind] = h.punch(fe.ram.dimm_fd, 0, size, REQ_BYTES)
+                        _assert_alloc(fe, 0, f"after {kind} unplug")
+                    subj.append(size / t["subject"] * 1e9 / GiB)
+                    raw.append(size / t["raw"] * 1e9 / GiB)
+                    ratios.append(t["raw"] / t["subject"])
+                return {"size": size, "requested": want, "reps": reps, "requests": size // REQ_BYTES,
+                        "vmemdev_gib_s": subj, "raw_gib_s": raw, "ratio": ratios,
+                        "vmemdev_gib_s_median": median(subj), "raw_gib_s_median": median(raw),
+                        "ratio_median": median(ratios), "per_request": lat_summary(per_req)}
+            res = in_session(d, body)
+        out["sizes"].append(res)
+        run.target("1 unplug", f"{size // GiB} GiB unplug through the vring / raw punch (same ranges)",
+                   res["ratio_median"], 0.8, ">=", "", note or "")
+    out["curve"] = unplug_curve(run)
+    return out
+
+
+def unplug_curve(run: Run) -> dict:
+    """Throughput vs request size (blocks per request), 1 GiB: per-request overhead made visible."""
+    size = GiB
+    nbs = [1, 64, 512] if run.quick else [1, 4, 16, 64, 256, 512]
+    reps = 1 if run.quick else 3
+    h = run.helper
+    rows = []
+    with Daemon(region_size=size, requested_size=size) as d:
+        def body(fe):
+            rc = C.RingClient(fe)
+            addr = _dimm_addr(fe)
+            for nb in nbs:
+                subj, raw = [], []
+                for rep in range(reps):
+                    for kind in (("subject", "raw") if rep % 2 == 0 else ("raw", "subject")):
+                        if kind == "subject":
+                            _plug_all(rc, size, nb)
+                            populate_checked(h, addr, size)
+                            _gc_off()
+                            try:
+                                ns, _ = _unplug_timed(rc, size, nb)
+                            finally:
+                                gc.enable()
+                            subj.append(size / ns * 1e9 / GiB)
+                        else:
+                            populate_checked(h, addr, size)
+                            raw.append(size / h.punch(fe.ram.dimm_fd, 0, size, nb * BLOCK) * 1e9 / GiB)
+                        _assert_alloc(fe, 0, "after unplug")
+                rows.append({"blocks_per_request": nb, "request_bytes": nb * BLOCK,
+                             "vmemdev_gib_s": median(subj), "raw_gib_s": median(raw),
+                             "ratio": median(subj) / median(raw)})
+        in_session(d, body)
+    return {"size": size, "reps": reps, "rows": rows}
+
+
+# --- 2. preallocating plug --------------------------------------------------------
+
+
+def prealloc_plug(run: Run) -> dict:
+    size = GiB
+    reps = 2 if run.quick else 5
+    h = run.helper
+    kinds = ["vmemdev --prealloc", "fallocate(0), 128 MiB calls", "fallocate(0), one call",
+             "POPULATE_WRITE 1 thread", "POPULATE_WRITE 2 threads"]
+    samples: dict[str, list[float]] = {k: [] for k in kinds}
+    ratios = []
+    if mem_available() < size + 2 * GiB:
+        raise BenchError("less than 3 GiB available")
+    with Daemon(region_size=size, requested_size=size, extra=("--prealloc",)) as d:
+        def body(fe):
+            rc = C.RingClient(fe)
+            addr = _dimm_addr(fe)
+            fd = fe.ram.dimm_fd
+            for rep in range(reps):
+                order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
+                t = {}
+                for kind in order:
+                    if kind.startswith("vmemdev"):
+                        _gc_off()
+                        try:
+                            t0 = time.perf_counter_ns()
+                            for off in range(0, size, REQ_BYTES):
+                                rc.ack(C.PLUG, ADDR + off, REQ_BLOCKS)
+                            ns = time.perf_counter_ns() - t0
+                        finally:
+                            gc.enable()
+                        _assert_alloc(fe, size, "after the preallocating plug")
+                        for off in range(0, size, REQ_BYTES):
+                            rc.ack(C.UNPLUG, ADDR + off, REQ_BLOCKS)
+                    elif kind.startswith("fallocate(0), 128"):
+                        ns = h.fallocate(fd, 0, size, REQ_BYTES)
+                        _assert_alloc(fe, size, kind)
+                        h.punch(fd, 0, size)
+                    elif kind.startswith("fallocate(0), one"):
+                        ns = h.fallocate(fd, 0, size, 0)
+                        _assert_alloc(fe, size, kind)
+                        h.punch(fd, 0, size)
+                    else:
+                        ns = h.populate(addr, size, 1 if "1 thread" in kind else 2)
+                        _assert_alloc(fe, size, kind)
+                        h.punch(fd, 0, size)
+                    _assert_alloc(fe, 0, f"after undoing {kind}")
+                    t[kind] = ns
+                    samples[kind].append(size / ns * 1e9 / GiB)
+                ratios.append(t["fallocate(0), 128 MiB calls"] / t["vmemdev --prealloc"])
+        in_session(d, body)
+    res = {"size": size, "reps": reps, "requests": size // REQ_BYTES,
+           "baseline": "C helper: fallocate(0) of the same 128 MiB ranges (the method the daemon uses); "
+                       "POPULATE_WRITE rows for reference (they also zero the pages, which fallocate defers "
+                       "to the guest's first touch)",
+           "gib_s": {k: median(v) for k, v in samples.items()}, "samples_gib_s": samples,
+           "ratio_vs_fallocate": ratios, "ratio_median": median(ratios)}
+    run.target("2 prealloc", "1 GiB --prealloc plug / raw fallocate(0) (same ranges)", res["ratio_median"], 0.8, ">=")
+    return res
+
+
+# --- 3, 4, 6. round trips and idle footprint (one daemon process) ---------------
+
+
+def _eventfd_pair():
+    return (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK), os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+
+
+def _trio_idle_rss() -> dict:
+    """RSS of a Python process that imported Trio and sleeps: the floor for any Trio daemon."""
+    p = subprocess.Popen([sys.executable, "-c", "import trio; trio.run(trio.sleep_forever)"],
+                         stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        return proc_status(p.pid)
+    finally:
+        stop_process(p)
+
+
+def roundtrips(run: Run) -> dict:
+    rounds, per_round = (3, 300) if run.quick else (10, 1000)
+    h = run.helper
+    size = GiB
+    res: dict = {}
+    # The far sides of the baselines, each its own process.
+    ck, cc_ = _eventfd_pair()
+    tk, tc = _eventfd_pair()
+    gmsg = C.get_config_message()
+    reply_size = 12 + 12 + 56
+    cs_ours, cs_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ts_ours, ts_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (cs_ours, ts_ours):
+        s.setblocking(False)
+    echoes = [
+        spawn_echo("c-eventfd", (ck, cc_), h.path, str(ck), str(cc_)),
+        spawn_echo("trio-eventfd", (tk, tc), str(tk), str(tc)),
+        spawn_echo("c-socket", (cs_theirs.fileno(),), h.path, str(cs_theirs.fileno()), str(len(gmsg))),
+        spawn_echo("trio-socket", (ts_theirs.fileno(),), str(ts_theirs.fileno()), str(len(gmsg))),
+    ]
+    cs_theirs.close()
+    ts_theirs.close()
+    try:
+        time.sleep(0.5)  # let the echo processes import and block
+        for p in echoes:
+            if p.poll() is not None:
+                raise BenchError(f"an echo process exited with {p.returncode}")
+        with Daemon(region_size=size, requested_size=size) as d:
+            def body(fe):
+                rc = C.RingClient(fe)
+                fsock = C.frontend_socket(fe)
+                idle_attached = d.status()
+                blk = ADDR + size - BLOCK  # a block nobody touches: plug/unplug do no memory work
+
+                def check_config(reply: bytes):
+                    if len(reply) != reply_size or reply[:4] != gmsg[:4]:
+                        raise BenchError(f"GET_CONFIG reply {reply[:16].hex()}...")
+
+                def ring_loop(kind):
+                    def f(n):
+                        out = []
+                        _gc_off()
+                        try:
+                            if kind == "STATE":
+                                for _ in range(n):
+                                    out.append(rc.ack(C.STATE, ADDR, 1))
+                            else:
+                                for _ in range(n):
+                                    out.append(rc.ack(C.PLUG, blk, 1))
+                                    unplug_ns.append(rc.ack(C.UNPLUG, blk, 1))
+                        finally:
+                            gc.enable()
+                        return out
+                    return f
+
+                unplug_ns: list[int] = []
+                loops = {
+                    "STATE": ring_loop("STATE"),
+                    "PLUG (no prealloc)": ring_loop("PLUG"),
+                    "eventfd ping-pong, C echo": lambda n: C.eventfd_pingpong(ck, cc_, n),
+                    "eventfd ping-pong, Trio echo": lambda n: C.eventfd_pingpong(tk, tc, n),
+                    "GET_CONFIG": lambda n: C.socket_roundtrips(fsock, gmsg, reply_size, n, check_config),
+                    "socket echo, C": lambda n: C.socket_roundtrips(cs_ours, gmsg, len(gmsg), n),
+                    "socket echo, Trio": lambda n: C.socket_roundtrips(ts_ours, gmsg, len(gmsg), n),
+                }
+                # Warm up every path (imports, caches, the daemon's worker thread).
+                for f in loops.values():
+                    f(50)
+                unplug_ns.clear()
+                samples = {k: [] for k in loops}
+                names = list(loops)
+                for r in range(rounds):
+                    for k in names[r % len(names):] + names[:r % len(names)]:
+                        samples[k] += loops[k](per_round)
+                samples["UNPLUG (unpopulated block)"] = unplug_ns
+                after = d.status()
+                daemon_stats = d.control("query-stats")
+                fsock.close()
+                return samples, idle_attached, after, daemon_stats
+            samples, idle_attached, after, daemon_stats = in_session(d, body)
+            res["daemon_pid_status_attached"] = idle_attached
+            res["daemon_pid_status_after_load"] = after
+            res["daemon_reported_latency_us"] = daemon_stats.get("latency_us")
+    finally:
+        for p in echoes:
+            stop_process(p)
+        for fd in (ck, cc_, tk, tc):
+            os.close(fd)
+        cs_ours.close()
+        ts_ours.close()
+    res["samples_ns"] = samples
+    res["summary"] = {k: lat_summary(v) for k, v in samples.items()}
+    res["rounds"], res["per_round"] = rounds, per_round
+    s = res["summary"]
+    pp_c, pp_t = s["eventfd ping-pong, C echo"]["p50_us"], s["eventfd ping-pong, Trio echo"]["p50_us"]
+    for kind in ("STATE", "PLUG (no prealloc)"):
+        v = s[kind]
+        run.target("3 round trip", f"{kind} p50 / Trio eventfd ping-pong p50", v["p50_us"] / pp_t, 2, "<=", "x",
+                   f"vs C echo: {v['p50_us'] / pp_c:.1f}x")
+        run.target("3 round trip", f"{kind} p50", v["p50_us"], 100, "<=", " µs")
+        run.target("3 round trip", f"{kind} p99", v["p99_us"], 500, "<=", " µs")
+    run.target("4 GET_CONFIG", "GET_CONFIG p50", s["GET_CONFIG"]["p50_us"], 50, "<=", " µs")
+    return res
+
+
+def footprint(run: Run, rt: dict | None) -> dict:
+    """6. Idle footprint; uses the round-trip session's daemon if it ran."""
+    res: dict = {"trio_sleeper": _trio_idle_rss()}
+    if rt and "daemon_pid_status_attached" in rt:
+        res["attached_idle"] = rt["daemon_pid_status_attached"]
+        res["after_load"] = rt["daemon_pid_status_after_load"]
+    else:
+        with Daemon(region_size=GiB, requested_size=GiB) as d:
+            res["attached_idle"] = in_session(d, lambda fe: (time.sleep(0.5), d.status())[1])
+    worst = max(res["attached_idle"]["VmRSS"], res.get("after_load", {}).get("VmRSS", 0))
+    run.target("6 footprint", "daemon RSS, one device attached (max of idle / after 20k requests)", worst / MiB,
+               40, "<=", " MiB")
+    return res
+
+
+# --- 5. scale ----------------------------------------------------------------------
+
+
+def scale(run: Run) -> dict:
+    sizes = [GiB, TiB, 16 * TiB]
+    starts = 2 if run.quick else 5
+    n_state = 300 if run.quick else 2000
+    n_ua = 5 if run.quick else 20
+    reps_full = 1 if run.quick else 3
+    h = run.helper
+    # Start-up: interleaved over sizes, plus the interpreter's own start as the anchor.
+    startup: dict[str, list[float]] = {"python -c pass": [], "python -c 'import vmemdev.cli, vmemdev.server'": []}
+    for s in sizes:
+        startup[_name(s)] = []
+    for _ in range(starts):
+        for cmd, key in ((["-c", "pass"], "python -c pass"),
+                         (["-c", "import vmemdev.cli, vmemdev.server, vmemdev.control_server"],
+                          "python -c 'import vmemdev.cli, vmemdev.server'")):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, *cmd], check=True)
+            startup[key].append(time.perf_counter() - t0)
+        for s in sizes:
+            d = Daemon(region_size=s, requested_size=GiB)
+            startup[_name(s)].append(d.startup_s)
+            d.stop()
+    rows = []
+    for s in sizes:
+        with Daemon(region_size=s, requested_size=GiB) as d:
+            def body(fe):
+                rc = C.RingClient(fe)
+                fd, addr = fe.ram.dimm_fd, _dimm_addr(fe)
+                time.sleep(0.2)
+                attached = d.status()
+                rc.ack(C.STATE, ADDR, REQ_BLOCKS)
+                _gc_off()
+                try:
+                    state = [rc.ack(C.STATE, ADDR, REQ_BLOCKS) for _ in range(n_state)]
+                finally:
+                    gc.enable()
+                ua_empty, raw_empty = [], []
+                for i in range(n_ua):
+                    for kind in (("subject", "raw") if i % 2 == 0 else ("raw", "subject")):
+                        if kind == "subject":
+                            ua_empty.append(rc.ack(C.UNPLUG_ALL))
+                        else:
+                            raw_empty.append(h.punch(fd, 0, s))
+                ua_full, raw_full = [], []
+                for i in range(reps_full):
+                    for kind in (("subject", "raw") if i % 2 == 0 else ("raw", "subject")):
+                        populate_checked(h, addr, GiB)
+                        if kind == "subject":
+                            _plug_all(rc, GiB)
+                            ua_full.append(rc.ack(C.UNPLUG_ALL))
+                        else:
+                            raw_full.append(h.punch(fd, 0, s))
+                        _assert_alloc(fe, 0, "after UNPLUG_ALL")
+                return {"region": s, "name": _name(s), "status_attached": attached,
+                        "status_after": d.status(), "state_64_blocks": lat_summary(state),
+                        "unplug_all_empty": lat_summary(ua_empty), "raw_punch_region_empty": lat_summary(raw_empty),
+                        "unplug_all_1g": lat_summary(ua_full), "raw_punch_region_1g": lat_summary(raw_full)}
+            rows.append(in_session(d, body))
+    res = {"startup_s": {k: median(v) for k, v in startup.items()}, "startup_samples_s": startup, "rows": rows,
+           "notes": "region = a sparse memfd DIMM of that size; requested 1 GiB; UNPLUG_ALL punches the whole "
+                    "region in one call (as the daemon does), the raw baseline makes the same call from C"}
+    base = rows[0]
+    for r in rows[1:]:
+        g = r["state_64_blocks"]["p50_us"] / base["state_64_blocks"]["p50_us"]
+        run.target("5 scale", f"STATE p50 at {r['name']} / at 1 GiB", g, 1.5, "<=", "x",
+                   "cost must not grow with the region")
+        g = r["status_attached"]["VmRSS"] / base["status_attached"]["VmRSS"]
+        run.target("5 scale", f"daemon RSS at {r['name']} / at 1 GiB", g, 1.5, "<=", "x")
+        g = startup[_name(r["region"])]
+        run.target("5 scale", f"start-up at {r['name']} / at 1 GiB", median(g) / median(startup[_name(GiB)]), 1.5,
+                   "<=", "x")
+    return res
+
+
+def _name(size: int) -> str:
+    for unit, n in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB)):
+        if size >= n and size % n == 0:
+            return f"{size // n} {unit}"
+    return str(size)
+
+
+# --- 7. real guest ---------------------------------------------------------------
+
+
+def e2e(run: Run) -> dict:
+    root = Path(__file__).resolve().parent.parent
+    found = sorted(set(glob.glob(str(root / "tests" / "e2e" / "**" / "*timings*.json"), recursive=True)
+                       + glob.glob("/tmp/vmemdev-guestlab/**/*timings*.json", recursive=True)),
+                   key=os.path.getmtime, reverse=True)
+    if not found:
+        return {"status": "not run", "searched": ["tests/e2e/**/*timings*.json", "/tmp/vmemdev-guestlab/**/*timings*.json"]}
+    path = found[0]
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        return {"status": f"unreadable: {exc}", "path": path}
+    return {"status": "found", "path": path, "mtime": time.strftime("%Y-%m-%d %H:%M:%S",
+                                                                    time.localtime(os.path.getmtime(path))),
+            "data": data}

@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzing of vmemdev's input surfaces (see targets.py)."""

@@ -1,0 +1,463 @@
+"""vmemdev against a real QEMU 11.1.3 (TCG) and a real Linux 7.2 guest.
+
+Opt-in: VMEMDEV_E2E=1 (see conftest.py). Each test boots its own guest
+(~5 s to the agent under TCG) against its own `vmemdev serve` process, so a
+failure never leaks into the next test. Scenarios (issue 3):
+
+  a  plug walk 0 -> 256M -> 768M -> 128M -> 0          vmemdev and QEMU's device
+  b  a pattern in plugged memory survives a partial unplug   both
+  c  low-memory hot-add: the memmap comes out of boot memory  both
+  d  requested size above the region / unaligned: refused, guest unaffected
+  e  guest reboot with memory plugged: UNPLUG_ALL at probe, plugs again
+  f  guest poweroff: QEMU exits, the daemon stays healthy and serves the next VM
+  g  `vmemdev ctl resize --wait`; memory.max caps, shrinks, NACKs are harmless
+  h  every test: no virtio_mem error / "marking device broken" in the guest
+
+Results that must match between vmemdev and QEMU's device (MemTotal steps,
+plugged sizes) are compared in the second device's run; timings of both are
+printed side by side at the end (and written to tests/e2e/last-timings.json).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from .harness import (BLOCK_SIZE, GiB, KiB, LINUX_MEMORY_BLOCK, OBSERVED, STEP_TIMEOUT, TOL_KB,
+                      MiB, allocated, mib, note, record)
+
+pytestmark = pytest.mark.e2e
+
+DEVICES = ["vmemdev", "qemu"]
+
+
+def compare_with_other(sc: str, kind: str, mine, fmt) -> None:
+    """The scenario's observable results must be the same for both devices."""
+    OBSERVED.setdefault(sc, {})[kind] = mine
+    other_kind = "qemu" if kind == "vmemdev" else "vmemdev"
+    other = OBSERVED[sc].get(other_kind)
+    if other is None:
+        return  # the other device's run compares (or was not selected)
+    assert mine == other, (
+        f"{sc}: observable results differ between the devices:\n"
+        f"  {kind:8s} {fmt(mine)}\n  {other_kind:8s} {fmt(other)}")
+
+
+# --------------------------------------------------------------------------
+# a. plug walk
+# --------------------------------------------------------------------------
+
+WALK = (256, 768, 128, 0)
+
+
+@pytest.mark.parametrize("kind", DEVICES)
+def test_a_plug_walk(lab, kind):
+    """0 -> 256M -> 768M -> 128M -> 0: MemTotal follows within a block; host
+    allocation <= plugged at every step (and at every poll for vmemdev, from
+    one query-accounting snapshot), nothing allocated outside plugged blocks,
+    ~0 allocated at the end."""
+    sc = "a: plug walk 0-256-768-128-0"
+    lab.start(kind, requested=0, scenario=sc)
+    steps = [lab.check_step("after probe (requested 0)", 0)]
+    prev = 0
+    for target in WALK:
+        label = f"{prev}M->{target}M"
+        lab.resize_and_wait(target * MiB, scenario=sc, label=label)
+        steps.append(lab.check_step(label, target * MiB))
+        prev = target
+    end_alloc = allocated(lab.device.mem_path)
+    assert end_alloc <= BLOCK_SIZE, (
+        f"after unplugging everything the region file still has {mib(end_alloc)} allocated "
+        f"(expected ~0)\n{lab.context()}")
+    if kind == "vmemdev":
+        acc = lab.device.check_invariants("end")
+        assert acc["host_allocated"] <= BLOCK_SIZE, acc
+    note(f"a/{kind}: base MemTotal {lab.base_kb} kB; steps (requested, plugged, MemTotal delta kB, "
+         f"file allocated): " + ", ".join(
+             f"({mib(s['target'])}, {mib(s['plugged'])}, {s['memtotal_delta_kb']:+d}, "
+             f"{mib(s['file_allocated'])})" for s in steps))
+    lab.check_guest_clean("a: after the walk")
+    rc, dt = lab.poweroff()
+    assert rc == 0, f"QEMU exit status {rc} after poweroff\n{lab.context()}"
+    record(sc, "poweroff -> QEMU exit", kind, dt)
+    compare_with_other(
+        sc, kind, [(s["target"], s["plugged"], s["memtotal_delta_kb"]) for s in steps],
+        lambda v: ", ".join(f"{mib(t)}: plugged {mib(p)} MemTotal {d:+d} kB" for t, p, d in v))
+
+
+# --------------------------------------------------------------------------
+# b. a pattern in hot-plugged memory survives a partial unplug
+# --------------------------------------------------------------------------
+
+FILL_MIB = 640
+
+
+@pytest.mark.parametrize("kind", DEVICES)
+def test_b_pattern_survives_partial_unplug(lab, kind):
+    """768M plugged, a 640 MiB tmpfs file of distinct MiB chunks written by
+    the guest (it lands in the hot-plugged ZONE_MOVABLE memory: the host
+    allocation of the region grows by most of it), sha256 recorded; unplug
+    to 384M: the driver migrates the pages out of the blocks it gives back,
+    the file's hash is unchanged, the host allocation dropped below 384M."""
+    sc = "b: pattern survives 768M->384M"
+    lab.start(kind, requested=768 * MiB, scenario=sc)
+    t = lab.wait_target(768 * MiB, t0=lab.guest.t_start, where="boot with 768M requested")
+    record(sc, "QEMU start -> 768M plugged and in MemTotal", kind,
+           max(t["plugged"], t["memtotal"]))
+    lab.check_step("768M plugged", 768 * MiB)
+    a0 = allocated(lab.device.mem_path)
+    t0 = time.monotonic()
+    out = lab.check(
+        "mkdir -p /fill && mount -t tmpfs -o size=1500M tmpfs /fill && "
+        "head -c 1048576 /dev/urandom > /run/seed && i=0 && "
+        f"while [ $i -lt {FILL_MIB} ]; do echo $i; cat /run/seed; i=$((i+1)); done > /fill/pattern"
+        " && ls -l /fill/pattern && sha256sum /fill/pattern", timeout=600)
+    record(sc, f"guest writes + hashes {FILL_MIB} MiB", kind, time.monotonic() - t0)
+    h1 = re.search(r"^([0-9a-f]{64})\s", out, re.M).group(1)
+    a1 = allocated(lab.device.mem_path)
+    lab.check_step("after the fill", 768 * MiB)
+    gained = a1 - a0
+    assert gained >= FILL_MIB * MiB // 2, (
+        f"the guest's {FILL_MIB} MiB file did not land in the hot-plugged memory: the region "
+        f"file's allocation grew by only {mib(gained)} ({mib(a0)} -> {mib(a1)})\n{lab.context()}")
+    mi = lab.meminfo()
+    note(f"b/{kind}: fill {FILL_MIB} MiB: region allocated {mib(a0)} -> {mib(a1)}; guest MemFree "
+         f"{mi['MemFree'] // 1024} MiB, Shmem {mi['Shmem'] // 1024} MiB")
+
+    lab.resize_and_wait(384 * MiB, scenario=sc, label="768M->384M with data",
+                        timeout=max(STEP_TIMEOUT, 300))
+    lab.check_step("after the partial unplug", 384 * MiB)
+    t0 = time.monotonic()
+    out = lab.check("sha256sum /fill/pattern", timeout=600)
+    record(sc, f"guest re-hashes {FILL_MIB} MiB", kind, time.monotonic() - t0)
+    h2 = re.search(r"^([0-9a-f]{64})\s", out, re.M).group(1)
+    assert h2 == h1, (f"the pattern changed across the partial unplug: sha256 {h1} -> {h2}\n"
+                      f"{lab.context()}")
+    a2 = allocated(lab.device.mem_path)
+    assert a2 <= 384 * MiB and a2 < a1, (
+        f"the host allocation did not drop with the unplug: {mib(a1)} -> {mib(a2)} "
+        f"(plugged 384M)\n{lab.context()}")
+    note(f"b/{kind}: after 768M->384M: sha256 unchanged ({h1[:16]}...), region allocated "
+         f"{mib(a1)} -> {mib(a2)}")
+    compare_with_other(sc, kind, {"plugged_after": lab.device.sizes()[0],
+                                  "memtotal_delta_kb": lab.memtotal() - lab.base_kb,
+                                  "hash_kept": h1 == h2},
+                       lambda v: json.dumps(v))
+
+
+# --------------------------------------------------------------------------
+# c. low-memory hot-add
+# --------------------------------------------------------------------------
+
+LEAVE_FREE_MIB = 20
+
+
+@pytest.mark.parametrize("kind", DEVICES)
+def test_c_low_memory_hot_add(lab, kind):
+    """256 MiB boot RAM, filled with tmpfs until ~20 MiB are free, then plug
+    1G one 128 MiB Linux memory block at a time. Linux 7.2's virtio_mem puts
+    each added block's memmap (2 MiB per 128 MiB) in boot memory: MemFree
+    drops by ~2 MiB per block beyond what was plugged, while MemTotal gains
+    exactly what was plugged. Compared with vmemdev's memmap estimate
+    (query-accounting). vmemmap allocation warnings are recorded, not failed;
+    the device never refuses a plug."""
+    sc = "c: low-memory hot-add 256M boot RAM"
+    lab.start(kind, ram="256M", requested=0, scenario=sc)
+    mi = lab.meminfo()
+    fill = mi["MemFree"] // 1024 - LEAVE_FREE_MIB
+    assert fill > 0, mi
+    lab.check(f"mkdir -p /fill && mount -t tmpfs -o size=1G tmpfs /fill && "
+              f"dd if=/dev/zero of=/fill/ballast bs=1M count={fill} 2>&1 | tail -1", timeout=300)
+    mi = lab.meminfo()
+    free_start = mi["MemFree"]
+    note(f"c/{kind}: MemTotal {mi['MemTotal'] // 1024} MiB, filled {fill} MiB of tmpfs, MemFree "
+         f"{free_start / 1024:.1f} MiB before the first plug")
+    per_block = []
+    prev_free = free_start
+    for k in range(1, REGION_BLOCKS + 1):
+        target = k * LINUX_MEMORY_BLOCK
+        lab.resize_and_wait(target, scenario=sc, label=f"block {k}: +128M to {mib(target)}",
+                            record_it=k in (1, REGION_BLOCKS))
+        mi = lab.meminfo()
+        delta_total_kb = mi["MemTotal"] - lab.base_kb
+        # memmap_on_memory would show as MemTotal short by 2 MiB per block
+        assert abs(delta_total_kb - target // KiB) <= 64, (
+            f"block {k}: MemTotal gained {delta_total_kb} kB for {target // KiB} kB plugged "
+            f"(the memmap should not come out of the plugged range)\n{lab.context()}")
+        cost_kb = prev_free + LINUX_MEMORY_BLOCK // KiB - mi["MemFree"]
+        per_block.append(cost_kb)
+        prev_free = mi["MemFree"]
+    if kind == "vmemdev":
+        acc = lab.device.daemon.execute("query-accounting")
+        m = acc["memmap"]
+        est_kb = m["memmap_bytes"] // m["linux_memory_blocks_used"] // KiB
+        assert m["linux_memory_blocks_used"] == REGION_BLOCKS, m
+        assert m["without_memmap_on_memory"]["boot_memory_cost"] == REGION_BLOCKS * 2 * MiB, m
+        stats = lab.device.daemon.execute("query-stats")
+        plug = stats["requests"].get("PLUG", {})
+        refused = {k: v for k, v in plug.items() if k != "ACK"}
+        assert not refused, f"the device refused plugs in low memory: {stats}\n{lab.context()}"
+    else:
+        est_kb = 2 * 1024  # the same formula: 64 bytes of struct page per 4 KiB
+    mean = sum(per_block) / len(per_block)
+    record(sc, "MemFree drop per 128M block beyond plugged (MiB)", kind, mean / 1024)
+    note(f"c/{kind}: MemFree cost per memory block added (kB): {per_block}; mean "
+         f"{mean:.0f} kB; memmap estimate {est_kb} kB per block")
+    # Each block costs its memmap (2 MiB) out of boot memory, plus small change
+    # (sysfs objects, page tables); the first may cost more or less by noise.
+    assert 0.75 * est_kb <= mean <= 1.5 * est_kb, (
+        f"MemFree dropped by {mean:.0f} kB per memory block on average ({per_block}), "
+        f"expected about the memmap estimate {est_kb} kB\n{lab.context()}")
+    warnings = lab.check_guest_clean(
+        "c: after plugging 1G into a full guest",
+        allow=re.compile(r"vmemmap|page allocation failure|alloc.*fail|Call Trace|"
+                         r"WARNING:|Mem-Info|warn_alloc", re.I))
+    if warnings:
+        note(f"c/{kind}: the guest logged {len(warnings)} allocation warning line(s), e.g. "
+             f"{warnings[0]!r}")
+    else:
+        note(f"c/{kind}: no vmemmap allocation warnings in the guest")
+    mi = lab.meminfo()
+    assert mi["MemTotal"] - lab.base_kb == GiB // KiB
+    compare_with_other(sc, kind, {"plugged": lab.device.sizes()[0],
+                                  "memtotal_delta_kb": mi["MemTotal"] - lab.base_kb},
+                       lambda v: json.dumps(v))
+
+
+REGION_BLOCKS = GiB // LINUX_MEMORY_BLOCK
+
+
+# --------------------------------------------------------------------------
+# d. requested size above the region / unaligned
+# --------------------------------------------------------------------------
+
+
+def test_d_invalid_sizes_are_refused(lab):
+    """`vmemdev ctl resize` with a size above the region or not a multiple of
+    the block size exits 1 with the reason on stderr; nothing reaches the
+    guest (no new config change, MemTotal and the device unchanged)."""
+    sc = "d: invalid sizes refused"
+    lab.start("vmemdev", requested=256 * MiB, scenario=sc)
+    lab.wait_target(256 * MiB, t0=lab.guest.t_start, where="boot with 256M requested")
+    daemon = lab.device.daemon
+    before_total = lab.memtotal()
+    _, vm_lines = lab.run("dmesg | grep -c virtio_mem")
+    events_before = len(daemon.execute("query-events"))
+    cases = [
+        (("2G",), r"larger than the region"),
+        (("1025M",), r"multiple of the block size|larger than the region"),
+        (("3M",), r"not a multiple of the block size"),
+        (("4097K",), r"not a multiple of the block size"),
+        (("2G", "--wait", "--timeout", "10"), r"larger than the region"),
+        (("12abc",), r"size|invalid|unknown"),
+    ]
+    for args, pattern in cases:
+        t0 = time.monotonic()
+        r = daemon.ctl("resize", *args)
+        record(sc, "vmemdev ctl resize (refused) round trip", "vmemdev", time.monotonic() - t0)
+        assert r.returncode == 1, (
+            f"vmemdev ctl resize {' '.join(args)}: exit status {r.returncode}, expected 1\n"
+            f"stdout {r.stdout!r}\nstderr {r.stderr!r}")
+        msg = r.stderr.strip()
+        assert msg.startswith("vmemdev ctl: ") and len(msg.splitlines()) == 1, (
+            f"resize {args[0]}: not a one-line reason: {r.stderr!r}")
+        assert re.search(pattern, msg, re.I), f"resize {args[0]}: unclear message {msg!r}"
+        note(f"d: vmemdev ctl resize {' '.join(args)} -> exit 1: {msg}")
+    time.sleep(2)  # give a wrongly sent notification time to show
+    plugged, requested = lab.device.sizes()
+    assert (plugged, requested) == (256 * MiB, 256 * MiB), (plugged, requested)
+    assert lab.memtotal() == before_total, "MemTotal moved after refused resizes"
+    _, vm_lines_after = lab.run("dmesg | grep -c virtio_mem")
+    assert vm_lines_after == vm_lines, (
+        f"the guest's driver logged new lines (a config change reached it?):\n"
+        f"{lab.check('dmesg | grep virtio_mem')}")
+    events = daemon.execute("query-events")[events_before:]
+    assert not [e for e in events if e["event"] == "CONFIG_CHANGE_SENT"], events
+    lab.check_step("after the refused resizes", 256 * MiB)
+    # and the device still works
+    r = daemon.ctl("resize", "512M", "--wait", "--timeout", "60")
+    assert r.returncode == 0, r
+    lab.check_step("512M after the refusals", 512 * MiB)
+
+
+# --------------------------------------------------------------------------
+# e. guest reboot with memory plugged
+# --------------------------------------------------------------------------
+
+
+def test_e_reboot_with_memory_plugged(lab):
+    """QEMU without -no-reboot; 256M plugged and partly used; `reboot -f` in
+    the guest. The daemon keeps the vhost-user session and the plugged state
+    across QEMU's system reset (device reset keeps state, as documented); the
+    new boot's driver finds plugged 256M at probe, logs "unplugging all
+    memory is required", sends UNPLUG_ALL (the daemon punches the whole
+    region: host allocation back to ~0), then plugs the requested 256M again;
+    a later resize to 512M works."""
+    sc = "e: reboot with 256M plugged"
+    lab.start("vmemdev", requested=256 * MiB, reboot=True, scenario=sc)
+    lab.wait_target(256 * MiB, t0=lab.guest.t_start, where="boot with 256M requested")
+    lab.check("mkdir -p /fill && mount -t tmpfs -o size=1G tmpfs /fill && "
+              "dd if=/dev/zero of=/fill/x bs=1M count=300 2>/dev/null")
+    daemon = lab.device.daemon
+    st0 = lab.check_step("before the reboot", 256 * MiB)
+    assert st0["file_allocated"] > 64 * MiB, f"the guest did not use plugged memory: {st0}"
+    lab.check_guest_clean("e: before the reboot")
+    stats0 = daemon.execute("query-stats")["requests"]
+    g = lab.guest
+    t0 = time.monotonic()
+    g.serial.send("RUN reboot0 reboot -f")
+    try:
+        g.wait_ready(120)
+    except Exception as exc:  # noqa: BLE001
+        lab.fail(f"the guest did not come back from reboot -f: {exc}")
+    lab.boots += 1
+    record(sc, "reboot -f -> agent ready again", "vmemdev", time.monotonic() - t0)
+    probe = lab.wait_probe()
+    assert "unplugging all memory is required" in probe, (
+        f"the new boot's driver did not see the memory plugged:\n{probe}")
+    lab.wait_target(256 * MiB, t0=t0, where="after the reboot, requested 256M")
+    record(sc, "reboot -f -> 256M plugged again", "vmemdev", time.monotonic() - t0)
+    stats1 = daemon.execute("query-stats")["requests"]
+    ua0 = stats0.get("UNPLUG_ALL", {}).get("ACK", 0)
+    ua1 = stats1.get("UNPLUG_ALL", {}).get("ACK", 0)
+    assert ua1 == ua0 + 1, f"expected one UNPLUG_ALL at the new probe: before {stats0}, after {stats1}"
+    st1 = lab.check_step("after the reboot", 256 * MiB)
+    assert st1["file_allocated"] < st0["file_allocated"], (
+        f"UNPLUG_ALL did not give the old boot's memory back: {mib(st0['file_allocated'])} -> "
+        f"{mib(st1['file_allocated'])}")
+    status = daemon.status()
+    assert status["frontend"] == "attached", status
+    note(f"e: reboot: QEMU kept the vhost-user connection; new probe saw plugged 256M, "
+         f"UNPLUG_ALL ACKed, replugged 256M; region allocated {mib(st0['file_allocated'])} "
+         f"-> {mib(st1['file_allocated'])}; daemon log: "
+         + "; ".join(l.split(": ", 1)[-1] for l in daemon.log_text().splitlines()
+                     if "detached" in l or "connected" in l or "reset" in l.lower())[:400])
+    lab.resize_and_wait(512 * MiB, scenario=sc, label="after reboot 256M->512M")
+    lab.check_step("512M after the reboot", 512 * MiB)
+
+
+# --------------------------------------------------------------------------
+# f. guest poweroff
+# --------------------------------------------------------------------------
+
+
+def test_f_poweroff_daemon_stays_healthy(lab):
+    """Poweroff with 256M plugged: QEMU exits (status 0) within 30 s; the
+    daemon logs the disconnect, stays up, `vmemdev ctl status` answers with
+    the front-end "waiting" and plugged 256M kept; the next QEMU attaches,
+    its driver sends UNPLUG_ALL and plugs again."""
+    sc = "f: poweroff, daemon stays"
+    lab.start("vmemdev", requested=256 * MiB, scenario=sc)
+    lab.wait_target(256 * MiB, t0=lab.guest.t_start, where="boot with 256M requested")
+    lab.check_guest_clean("f: before poweroff")
+    rc, dt = lab.poweroff()
+    assert rc == 0, f"QEMU exit status {rc}\n{lab.context()}"
+    record(sc, "poweroff -> QEMU exit", "vmemdev", dt)
+    daemon = lab.device.daemon
+    deadline = time.monotonic() + 10
+    while "front-end detached" not in daemon.log_text():
+        assert time.monotonic() < deadline, f"the daemon did not log the disconnect\n{lab.context()}"
+        time.sleep(0.05)
+    assert daemon.alive(), f"vmemdev serve exited after the poweroff\n{lab.context()}"
+    r = daemon.ctl("--json", "status")
+    assert r.returncode == 0, r
+    status = json.loads(r.stdout)
+    assert status["frontend"] == "waiting", status
+    assert status["plugged_size"] == 256 * MiB, status
+    r = daemon.ctl("status")
+    assert r.returncode == 0 and "front-end   waiting" in r.stdout, r
+    note("f: after poweroff `vmemdev ctl status`: " + " | ".join(r.stdout.splitlines()[:6]))
+    # the next VM
+    lab.boot()
+    probe = lab.wait_probe()
+    assert "unplugging all memory is required" in probe, probe
+    lab.wait_target(256 * MiB, t0=lab.guest.t_start, where="second VM, requested 256M")
+    record(sc, "second QEMU start -> 256M plugged", "vmemdev", time.monotonic() - lab.guest.t_start)
+    lab.check_step("second VM", 256 * MiB)
+
+
+# --------------------------------------------------------------------------
+# g. vmemdev ctl resize --wait; memory.max
+# --------------------------------------------------------------------------
+
+
+def test_g_ctl_wait_and_memory_max(lab):
+    """`vmemdev ctl resize SIZE --wait` exits 0 against the Linux guest (up
+    and down). memory.max: lowering it below plugged makes the guest unplug
+    to it; a resize above it is refused (exit 1); lowering it while the guest
+    is on its way up stops the plugging where it is, the guest's in-flight
+    PLUGs above the new requested size are NACKed, and the driver takes the
+    NACKs in its stride (no "marking device broken", plugs again later)."""
+    sc = "g: ctl --wait, memory.max"
+    lab.start("vmemdev", requested=0, scenario=sc)
+    daemon = lab.device.daemon
+    for size in ("512M", "256M"):
+        t0 = time.monotonic()
+        r = daemon.ctl("resize", size, "--wait", "--timeout", "120")
+        dt = time.monotonic() - t0
+        assert r.returncode == 0 and f"reached {size}" in r.stdout, (
+            f"vmemdev ctl resize {size} --wait: exit {r.returncode}\n{r.stdout}{r.stderr}")
+        record(sc, f"vmemdev ctl resize {size} --wait", "vmemdev", dt)
+        lab.wait_target(int(size[:-1]) * MiB, t0=t0, where=f"after resize {size} --wait")
+    lab.check_step("512M then 256M with --wait", 256 * MiB)
+
+    # memory.max below plugged: the guest gives memory back
+    r = daemon.ctl("resize", "768M", "--wait", "--timeout", "120")
+    assert r.returncode == 0, r
+    t0 = time.monotonic()
+    r = daemon.ctl("set", "memory.max", "384M")
+    assert r.returncode == 0 and "memory.max   384M" in r.stdout, r
+    lab.wait_target(384 * MiB, t0=t0, where="memory.max 384M below plugged 768M")
+    record(sc, "set memory.max 384M (plugged 768M) -> guest at 384M", "vmemdev",
+           time.monotonic() - t0)
+    # above memory.max: refused, nothing changes
+    r = daemon.ctl("resize", "768M")
+    assert r.returncode == 1 and "memory.max" in r.stderr, r
+    note(f"g: resize above memory.max -> exit 1: {r.stderr.strip()}")
+    lab.check_step("resize above memory.max refused", 384 * MiB)
+
+    # memory.max lowered while the guest plugs toward 1G: in-flight PLUGs are NACKed
+    r = daemon.ctl("set", "memory.max", "max")
+    assert r.returncode == 0, r
+    r = daemon.ctl("resize", "0", "--wait", "--timeout", "120")
+    assert r.returncode == 0, r
+    nacks = 0
+    attempts = 0
+    caps = []
+    while nacks == 0 and attempts < 4:
+        attempts += 1
+        before = daemon.execute("query-stats")["requests"].get("PLUG", {}).get("NACK", 0)
+        daemon.execute("resize", size=GiB)
+        deadline = time.monotonic() + 30
+        while (plugged := daemon.status()["plugged_size"]) == 0:
+            assert time.monotonic() < deadline, f"the guest did not start plugging\n{lab.context()}"
+            time.sleep(0.002)
+        cap = min(plugged + LINUX_MEMORY_BLOCK, 512 * MiB)
+        daemon.execute("set-limit", name="memory.max", value=cap)
+        caps.append((plugged, cap))
+        lab.wait_target(cap, t0=time.monotonic(), where=f"memory.max {mib(cap)} during plugging")
+        nacks = daemon.execute("query-stats")["requests"].get("PLUG", {}).get("NACK", 0) - before
+        lab.check_guest_clean(f"g: after lowering memory.max to {mib(cap)} during plugging")
+        if nacks == 0:
+            daemon.execute("set-limit", name="memory.max", value=None)
+            daemon.execute("resize", size=0)
+            lab.wait_target(0, t0=time.monotonic(), where="back to 0 for another try")
+    stats = daemon.execute("query-stats")
+    note(f"g: memory.max lowered during plugging (plugged, cap) {[(mib(p), mib(c)) for p, c in caps]}"
+         f": {nacks} PLUG NACK(s) in the last try, {attempts} tr{'y' if attempts == 1 else 'ies'}; "
+         f"NACK reasons {stats['nacks_by_reason']}")
+    assert nacks > 0, (f"could not provoke a NACK in {attempts} tries (the guest plugged faster "
+                       f"than memory.max was lowered): {caps}")
+    # the driver still works after the NACKs: lift the cap, plug, shrink with --wait
+    r = daemon.ctl("set", "memory.max", "max")
+    assert r.returncode == 0, r
+    t0 = time.monotonic()
+    r = daemon.ctl("resize", "1G", "--wait", "--timeout", "120")
+    assert r.returncode == 0 and "reached 1G" in r.stdout, r
+    lab.wait_target(GiB, t0=t0, where="1G after the NACKs")
+    r = daemon.ctl("resize", "0", "--wait", "--timeout", "120")
+    assert r.returncode == 0 and "reached 0" in r.stdout, r
+    lab.check_step("0 at the end", 0)
