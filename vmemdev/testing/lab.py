@@ -148,7 +148,8 @@ class Lab:
         with open(self.log_path) as f:
             return f.read()
 
-    def close(self) -> None:
+    def close_guest(self) -> None:
+        """Detach the simulated QEMU and guest (the daemon keeps running)."""
         if getattr(self, "_token", None) is not None and self._thread.is_alive():
             try:
                 trio.from_thread.run_sync(self._cancel.cancel, trio_token=self._token)
@@ -157,6 +158,10 @@ class Lab:
             self._thread.join(10)
         if getattr(self, "frontend", None) is not None:
             self.frontend.release()
+            self.frontend = None
+
+    def close(self) -> None:
+        self.close_guest()
         if hasattr(self, "ctl"):
             self.ctl.close()
         if self.process.poll() is None:
