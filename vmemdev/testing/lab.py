@@ -159,6 +159,12 @@ class Lab:
         if getattr(self, "frontend", None) is not None:
             self.frontend.release()
             self.frontend = None
+            # The daemon serves one front-end at a time: wait until it saw this one go.
+            deadline = time.monotonic() + 10
+            while self.process.poll() is None and self.status()["frontend"] != "waiting":
+                if time.monotonic() > deadline:
+                    raise LabError("the daemon still reports the front-end attached")
+                time.sleep(0.01)
 
     def close(self) -> None:
         self.close_guest()
