@@ -396,7 +396,7 @@ def footprint(run: Run, rt: dict | None) -> dict:
         with Daemon(region_size=GiB, requested_size=GiB) as d:
             res["attached_idle"] = in_session(d, lambda fe: (time.sleep(0.5), d.status())[1])
     worst = max(res["attached_idle"]["VmRSS"], res.get("after_load", {}).get("VmRSS", 0))
-    run.target("6 footprint", "daemon RSS, one device attached (max of idle / after 20k requests)", worst / MiB,
+    run.target("6 footprint", "daemon RSS, one device attached (max of idle / after the round-trip runs)", worst / MiB,
                40, "<=", " MiB")
     return res
 
