@@ -196,11 +196,12 @@ def plots(result: dict, samples: dict | None, out_dir: str, stem: str = "latest"
                 continue
             us = sorted(x / 1000 for x in v)
             ys = [(i + 1) / len(us) for i in range(len(us))]
-            ax.plot(us, ys, label=f"{k} (p50 {pct(us, 50):.0f} µs)")
+            baseline = "ping-pong" in k or "echo" in k
+            ax.plot(us, ys, "--" if baseline else "-", label=f"{k} (p50 {pct(us, 50):.0f} µs)")
         ax.set_xscale("log")
         ax.set_xlabel("round trip (µs)")
         ax.set_ylabel("fraction of requests")
-        ax.set_title("Round-trip latency CDF (daemon vs ping-pong/echo baselines)")
+        ax.set_title("Round-trip latency CDF: vmemdev (solid) vs ping-pong/echo baselines (dashed)")
         ax.grid(True, alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="lower right")
         name = f"{stem}-latency-cdf.png"

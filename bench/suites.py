@@ -470,6 +470,11 @@ def scale(run: Run) -> dict:
         g = r["state_64_blocks"]["p50_us"] / base["state_64_blocks"]["p50_us"]
         run.target("5 scale", f"STATE p50 at {r['name']} / at 1 GiB", g, 1.5, "<=", "x",
                    "cost must not grow with the region")
+        for key, label in (("unplug_all_empty", "UNPLUG_ALL p50, nothing plugged,"),
+                           ("unplug_all_1g", "UNPLUG_ALL p50, 1 GiB plugged,")):
+            g = r[key]["p50_us"] / base[key]["p50_us"]
+            run.target("5 scale", f"{label} at {r['name']} / at 1 GiB", g, 1.5, "<=", "x",
+                       "the kernel's work is the same (see the raw punch columns)")
         g = r["status_attached"]["VmRSS"] / base["status_attached"]["VmRSS"]
         run.target("5 scale", f"daemon RSS at {r['name']} / at 1 GiB", g, 1.5, "<=", "x")
         pairs = [a / b for a, b in zip(startup[r["name"]], startup[_name(GiB)])]

@@ -64,7 +64,6 @@ def _nonblocking(file: vu.VringFile) -> vu.VringFile:
         try:
             os.set_blocking(file.fd, False)
         except OSError as exc:
-            close_fd(file.fd)
             raise PeerProtocolError(f"ring {file.index}: unusable fd ({exc})") from exc
     return file
 
@@ -81,6 +80,7 @@ class BackendSession:
         self.vrings = [Vring(i) for i in range(NUM_QUEUES)]
         self.on_backend_fd = None  # callback(fd) taking ownership, set by the connection
         service.memory = self.memory
+        self.kept_fds: set[int] = set()  # fds of the current message that a handler kept
         for vring in self.vrings:
             nursery.start_soon(self._ring_worker, vring)
 
@@ -105,7 +105,9 @@ class BackendSession:
 
         Raises PeerProtocolError for a message that breaks the protocol; the
         caller logs it and answers a failure where the front-end waits for one.
+        Either way the caller closes the message's fds not in ``kept_fds``.
         """
+        self.kept_fds = set()
         self._check_gate(msg)
         handler = getattr(self, "_on_" + Request(msg.request).name.lower())
         reply = await handler(msg)
@@ -193,10 +195,9 @@ class BackendSession:
         raise PeerProtocolError("SET_CONFIG refused: virtio-mem config space is read-only")
 
     async def _on_set_backend_req_fd(self, msg: Message) -> None:
-        if self.on_backend_fd is None:
-            close_fd(msg.fds[0])
-        else:
-            self.on_backend_fd(msg.fds[0])
+        if self.on_backend_fd is not None:
+            self.on_backend_fd(msg.fds[0])  # raises without taking it if unusable
+            self.kept_fds.add(msg.fds[0])
 
     # --- memory --------------------------------------------------------------
 
@@ -213,16 +214,22 @@ class BackendSession:
 
     async def _on_set_mem_table(self, msg: Message) -> None:
         table: vu.MemTable = msg.body
-        await self._change_memory(lambda: self.memory.replace_all(table.regions, msg.fds))
+
+        def replace():
+            self.kept_fds |= self.memory.replace_all(table.regions, msg.fds)
+
+        await self._change_memory(replace)
         log.info("memory table: %s", ", ".join(repr(r) for r in self.memory.regions))
 
     async def _on_add_mem_reg(self, msg: Message) -> None:
-        await self._change_memory(lambda: self.memory.add(msg.body, msg.fds[0]))
+        def add():
+            if self.memory.add(msg.body, msg.fds[0]).fd == msg.fds[0]:
+                self.kept_fds.add(msg.fds[0])
+
+        await self._change_memory(add)
         log.info("memory region added: %s", msg.body)
 
     async def _on_rem_mem_reg(self, msg: Message) -> None:
-        for fd in msg.fds:
-            close_fd(fd)
         await self._change_memory(lambda: self.memory.remove(msg.body))
         log.info("memory region removed: %s", msg.body)
 
@@ -279,6 +286,7 @@ class BackendSession:
         self._stop_kick_watcher(vring)
         close_fd(vring.kick_fd)
         vring.kick_fd = file.fd
+        self.kept_fds.add(file.fd)
         if file.fd is None:
             log.warning("vring %d: no kick fd (polling) is not supported; ring idle", vring.index)
         else:
@@ -294,12 +302,14 @@ class BackendSession:
         vring = self._vring(file.index)
         close_fd(vring.call_fd)
         vring.call_fd = file.fd
+        self.kept_fds.add(file.fd)
 
     async def _on_set_vring_err(self, msg: Message) -> None:
         file: vu.VringFile = _nonblocking(msg.body)
         vring = self._vring(file.index)
         close_fd(vring.err_fd)
         vring.err_fd = file.fd
+        self.kept_fds.add(file.fd)
 
     async def _on_set_vring_enable(self, msg: Message) -> None:
         state: vu.VringState = msg.body

@@ -84,15 +84,16 @@ class MappedRegion:
     def uaddr(self) -> int:
         return self.desc.userspace_addr
 
-    def close(self) -> None:
+    def close(self, close_fd: bool = True) -> None:
         try:
             self.mm.close()
         except BufferError:  # a view is still exported: leak the mapping, never crash
             log.error("region at gpa %#x still in use; mapping left in place", self.gpa)
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        if close_fd:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
 
     def __repr__(self) -> str:
         return f"<region gpa={self.gpa:#x} size={self.size:#x} fd={self.fd}>"
@@ -117,24 +118,20 @@ class GuestMemory:
         self.generation += 1
 
     def add(self, desc: MemoryRegion, fd: int) -> MappedRegion:
-        """Map one region; takes ownership of ``fd`` (closed on failure too)."""
-        try:
-            if any(r.desc == desc for r in self._regions):
-                # A front-end re-announcing a region we have is harmless.
+        """Map one region. On success the region owns ``fd`` if ``region.fd == fd``
+        (a region announced twice keeps the first fd); on failure the caller still does."""
+        for region in self._regions:
+            if region.desc == desc:
                 log.debug("region %s added twice; keeping the first", desc)
-                os.close(fd)
-                return next(r for r in self._regions if r.desc == desc)
-            if len(self._regions) >= self.max_regions:
-                raise PeerProtocolError(f"more than {self.max_regions} memory regions")
-            for other in self._regions:
-                if desc.guest_phys_addr < other.desc.gpa_end and other.gpa < desc.gpa_end:
-                    raise PeerProtocolError(
-                        f"region gpa {desc.guest_phys_addr:#x}+{desc.memory_size:#x} overlaps {other}"
-                    )
-            region = MappedRegion(desc, fd)
-        except BaseException:
-            os.close(fd)
-            raise
+                return region
+        if len(self._regions) >= self.max_regions:
+            raise PeerProtocolError(f"more than {self.max_regions} memory regions")
+        for other in self._regions:
+            if desc.guest_phys_addr < other.desc.gpa_end and other.gpa < desc.gpa_end:
+                raise PeerProtocolError(
+                    f"region gpa {desc.guest_phys_addr:#x}+{desc.memory_size:#x} overlaps {other}"
+                )
+        region = MappedRegion(desc, fd)
         self._regions.append(region)
         self._reindex()
         return region
@@ -154,23 +151,23 @@ class GuestMemory:
             f"REM_MEM_REG: no region at gpa {desc.guest_phys_addr:#x} size {desc.memory_size:#x}"
         )
 
-    def replace_all(self, descs: tuple[MemoryRegion, ...], fds: tuple[int, ...]) -> None:
-        """SET_MEM_TABLE: validate the new table fully before dropping the old one."""
+    def replace_all(self, descs: tuple[MemoryRegion, ...], fds: tuple[int, ...]) -> set[int]:
+        """SET_MEM_TABLE: build the new table fully before dropping the old one.
+
+        Returns the fds the new regions own; on failure nothing is kept.
+        """
         new = GuestMemory(self.max_regions)
-        pending = list(zip(descs, fds))
         try:
-            while pending:
-                desc, fd = pending.pop(0)
+            for desc, fd in zip(descs, fds):
                 new.add(desc, fd)
         except BaseException:
-            for _, fd in pending:
-                os.close(fd)
-            new.close()
+            for region in new._regions:
+                region.close(close_fd=False)  # the caller still owns every fd
             raise
         self.close()
         self._regions = new._regions
-        new._regions = []
         self._reindex()
+        return {region.fd for region in self._regions}
 
     def close(self) -> None:
         for region in self._regions:

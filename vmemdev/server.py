@@ -194,6 +194,8 @@ class FrontendConnection:
             return await self.session.handle(msg)
         except PeerProtocolError as exc:
             return self._failure(request, flags, exc)
+        finally:
+            _close_all(fd for fd in fds if fd not in self.session.kept_fds)
 
     def _failure(self, request: int, flags: int, exc: Exception) -> bytes | None:
         """Log a refused message; answer a failure where the front-end waits for one.
@@ -225,8 +227,7 @@ class FrontendConnection:
         """Take ownership of the SET_BACKEND_REQ_FD socket."""
         try:
             sock = socket.socket(fileno=fd)
-        except OSError as exc:
-            os.close(fd)
+        except OSError as exc:  # the fd stays the caller's, who closes it
             raise PeerProtocolError(f"SET_BACKEND_REQ_FD: not a socket ({exc})") from exc
         if self._backend_sock is not None:
             self._backend_sock.close()
@@ -350,44 +351,39 @@ async def serve(
     ``handle_signals=False`` lets an embedding program (or a test running Trio
     outside the main thread) keep signals to itself.
     """
-    if listen_fd is not None:
-        listener = trio.socket.from_stdlib_socket(socket.socket(fileno=listen_fd))
-        where = f"fd {listen_fd}"
-    else:
-        listener = await bind_unix_listener(socket_path)
-        where = socket_path
-    g = service.geometry
-    log.info(
-        "serving virtio-mem on %s: region %#x+%#x, block %#x, requested %#x",
-        where,
-        g.addr,
-        g.region_size,
-        g.block_size,
-        service.device.requested_size,
-    )
-    tracer = Tracer.open(trace_path) if trace_path else None
-    try:
-        with contextlib.ExitStack() as stack:
-            signals = stack.enter_context(trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT)) \
-                if handle_signals else None
-            async with trio.open_nursery() as nursery:
-                await nursery.start(functools.partial(serve_listener, listener, service, tracer=tracer))
-                if control is not None:
-                    await nursery.start(control.run)
-                await nursery.start(service.monitor)
-                nursery.start_soon(report_status, service)
-                systemd.notify("READY=1")
-                task_status.started()
-                if signals is None:
-                    await trio.sleep_forever()
-                async for signum in signals:
-                    log.info("received %s, exiting", signal.Signals(signum).name)
-                    systemd.notify("STOPPING=1")
-                    nursery.cancel_scope.cancel()
-                    break
-    finally:
+    # Signals first: from the moment the socket exists, SIGTERM means a clean exit.
+    with contextlib.ExitStack() as stack:
+        signals = stack.enter_context(trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT)) \
+            if handle_signals else None
+        if listen_fd is not None:
+            listener = trio.socket.from_stdlib_socket(socket.socket(fileno=listen_fd))
+            where = f"fd {listen_fd}"
+        else:
+            listener = await bind_unix_listener(socket_path)
+            where = socket_path
+        stack.callback(listener.close)
+        if listen_fd is None:
+            stack.callback(lambda: os.path.exists(socket_path) and os.unlink(socket_path))
+        g = service.geometry
+        log.info(
+            "serving virtio-mem on %s: region %#x+%#x, block %#x, requested %#x",
+            where, g.addr, g.region_size, g.block_size, service.device.requested_size,
+        )
+        tracer = Tracer.open(trace_path) if trace_path else None
         if tracer:
-            tracer.close()
-        listener.close()
-        if listen_fd is None and socket_path and os.path.exists(socket_path):
-            os.unlink(socket_path)
+            stack.callback(tracer.close)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(serve_listener, listener, service, tracer=tracer))
+            if control is not None:
+                await nursery.start(control.run)
+            await nursery.start(service.monitor)
+            nursery.start_soon(report_status, service)
+            systemd.notify("READY=1")
+            task_status.started()
+            if signals is None:
+                await trio.sleep_forever()
+            async for signum in signals:
+                log.info("received %s, exiting", signal.Signals(signum).name)
+                systemd.notify("STOPPING=1")
+                nursery.cancel_scope.cancel()
+                break

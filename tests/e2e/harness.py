@@ -436,6 +436,10 @@ class Lab:
         out = self.check("cat /proc/meminfo")
         return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\S+):\s+(\d+)", out, re.M)}
 
+    def vmstat(self) -> dict[str, int]:
+        out = self.check("cat /proc/vmstat")
+        return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\S+) (\d+)$", out, re.M)}
+
     def memtotal(self) -> int:
         return self.meminfo()["MemTotal"]
 
@@ -488,15 +492,16 @@ class Lab:
                 "host_allocated": acc.get("host_allocated")}
 
     def wait_target(self, target: int, *, t0: float, where: str, timeout: float = STEP_TIMEOUT,
-                    before_kb: int | None = None, poll: float = 0.05) -> dict:
+                    before_kb: int | None = None, poll: float = 0.05,
+                    requested: int | None = None) -> dict:
         """Poll the guest's MemTotal and the device until plugged == requested
         == target and MemTotal == base + target (within a block). Returns the
         times from t0: first MemTotal change, MemTotal reached, plugged reached.
         Checks the device's invariants at every poll."""
         want_kb = self.base_kb + target // KiB
+        want_requested = target if requested is None else requested
         deadline = t0 + timeout
         t_first = t_mem = t_plug = None
-        total = plugged = requested = None
         while True:
             if not self.guest.alive():
                 self.fail(f"{where}: QEMU exited (status {self.guest.proc.poll()}) while waiting "
@@ -508,11 +513,11 @@ class Lab:
             mem_ok = abs(total - want_kb) <= TOL_KB
             if t_mem is None and mem_ok:
                 t_mem = now - t0
-            plugged, requested = self.device.sizes()
+            plugged, now_requested = self.device.sizes()
             if t_plug is None and plugged == target:
                 t_plug = time.monotonic() - t0
             self.device.check_invariants(f"{where} (while waiting)")
-            if mem_ok and plugged == target and requested == target:
+            if mem_ok and plugged == target and now_requested == want_requested:
                 break
             if time.monotonic() > deadline:
                 self.fail(f"{where}: within {timeout:.0f}s the guest did not get to {mib(target)}: "

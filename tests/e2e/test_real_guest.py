@@ -21,8 +21,10 @@ printed side by side at the end (and written to tests/e2e/last-timings.json).
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
+import uuid
 
 import pytest
 
@@ -97,7 +99,7 @@ FILL_MIB = 640
 
 @pytest.mark.parametrize("kind", DEVICES)
 def test_b_pattern_survives_partial_unplug(lab, kind):
-    """768M plugged, a 640 MiB tmpfs file of distinct MiB chunks written by
+    """768M plugged, a 640 MiB tmpfs file of distinct 4 MiB chunks written by
     the guest (it lands in the hot-plugged ZONE_MOVABLE memory: the host
     allocation of the region grows by most of it), sha256 recorded; unplug
     to 384M: the driver migrates the pages out of the blocks it gives back,
@@ -112,8 +114,9 @@ def test_b_pattern_survives_partial_unplug(lab, kind):
     t0 = time.monotonic()
     out = lab.check(
         "mkdir -p /fill && mount -t tmpfs -o size=1500M tmpfs /fill && "
-        "head -c 1048576 /dev/urandom > /run/seed && i=0 && "
-        f"while [ $i -lt {FILL_MIB} ]; do echo $i; cat /run/seed; i=$((i+1)); done > /fill/pattern"
+        "head -c 4194304 /dev/urandom > /run/seed && i=0 && "
+        f"while [ $i -lt {FILL_MIB // 4} ]; do echo $i; cat /run/seed; i=$((i+1)); done "
+        "> /fill/pattern"
         " && ls -l /fill/pattern && sha256sum /fill/pattern", timeout=600)
     record(sc, f"guest writes + hashes {FILL_MIB} MiB", kind, time.monotonic() - t0)
     h1 = re.search(r"^([0-9a-f]{64})\s", out, re.M).group(1)
@@ -175,21 +178,26 @@ def test_c_low_memory_hot_add(lab, kind):
     free_start = mi["MemFree"]
     note(f"c/{kind}: MemTotal {mi['MemTotal'] // 1024} MiB, filled {fill} MiB of tmpfs, MemFree "
          f"{free_start / 1024:.1f} MiB before the first plug")
-    per_block = []
+    per_block = []  # MemFree drop beyond what was plugged, kB
+    memmap_pages = []  # /proc/vmstat nr_memmap_pages growth, pages
     prev_free = free_start
+    prev_memmap = lab.vmstat().get("nr_memmap_pages")
     for k in range(1, REGION_BLOCKS + 1):
         target = k * LINUX_MEMORY_BLOCK
         lab.resize_and_wait(target, scenario=sc, label=f"block {k}: +128M to {mib(target)}",
                             record_it=k in (1, REGION_BLOCKS))
         mi = lab.meminfo()
+        vm = lab.vmstat()
         delta_total_kb = mi["MemTotal"] - lab.base_kb
         # memmap_on_memory would show as MemTotal short by 2 MiB per block
         assert abs(delta_total_kb - target // KiB) <= 64, (
             f"block {k}: MemTotal gained {delta_total_kb} kB for {target // KiB} kB plugged "
             f"(the memmap should not come out of the plugged range)\n{lab.context()}")
-        cost_kb = prev_free + LINUX_MEMORY_BLOCK // KiB - mi["MemFree"]
-        per_block.append(cost_kb)
+        per_block.append(prev_free + LINUX_MEMORY_BLOCK // KiB - mi["MemFree"])
         prev_free = mi["MemFree"]
+        if prev_memmap is not None and "nr_memmap_pages" in vm:
+            memmap_pages.append(vm["nr_memmap_pages"] - prev_memmap)
+            prev_memmap = vm["nr_memmap_pages"]
     if kind == "vmemdev":
         acc = lab.device.daemon.execute("query-accounting")
         m = acc["memmap"]
@@ -201,14 +209,22 @@ def test_c_low_memory_hot_add(lab, kind):
         refused = {k: v for k, v in plug.items() if k != "ACK"}
         assert not refused, f"the device refused plugs in low memory: {stats}\n{lab.context()}"
     else:
-        est_kb = 2 * 1024  # the same formula: 64 bytes of struct page per 4 KiB
+        est_kb = 2 * 1024  # the same formula: 64 bytes of struct page per 4 KiB page
     mean = sum(per_block) / len(per_block)
     record(sc, "MemFree drop per 128M block beyond plugged (MiB)", kind, mean / 1024)
-    note(f"c/{kind}: MemFree cost per memory block added (kB): {per_block}; mean "
-         f"{mean:.0f} kB; memmap estimate {est_kb} kB per block")
-    # Each block costs its memmap (2 MiB) out of boot memory, plus small change
-    # (sysfs objects, page tables); the first may cost more or less by noise.
-    assert 0.75 * est_kb <= mean <= 1.5 * est_kb, (
+    note(f"c/{kind}: MemFree drop per memory block added, beyond the 128 MiB plugged (kB): "
+         f"{per_block}, mean {mean:.0f} kB; /proc/vmstat nr_memmap_pages per block: "
+         f"{memmap_pages or 'n/a'}; vmemdev's memmap estimate {est_kb} kB per block")
+    if memmap_pages:
+        # the kernel's own count of memmap pages: exact
+        assert all(p * 4 == est_kb for p in memmap_pages), (
+            f"nr_memmap_pages grew by {memmap_pages} pages per memory block, expected "
+            f"{est_kb // 4} (the memmap estimate, {est_kb} kB)\n{lab.context()}")
+        record(sc, "nr_memmap_pages growth per 128M block (MiB)", kind,
+               sum(memmap_pages) * 4 / len(memmap_pages) / 1024)
+    # MemFree is noisy (per-cpu page lists, the agent's own processes): the
+    # mean over 8 blocks is within 1 MiB of the memmap.
+    assert abs(mean - est_kb) <= 1024, (
         f"MemFree dropped by {mean:.0f} kB per memory block on average ({per_block}), "
         f"expected about the memmap estimate {est_kb} kB\n{lab.context()}")
     warnings = lab.check_guest_clean(
@@ -389,8 +405,9 @@ def test_g_ctl_wait_and_memory_max(lab):
     and down). memory.max: lowering it below plugged makes the guest unplug
     to it; a resize above it is refused (exit 1); lowering it while the guest
     is on its way up stops the plugging where it is, the guest's in-flight
-    PLUGs above the new requested size are NACKed, and the driver takes the
-    NACKs in its stride (no "marking device broken", plugs again later)."""
+    PLUGs would be NACKed, but Linux re-reads the config before each
+    request, so it just stops (no "marking device broken", plugs again
+    later). Real NACKs: see test_g_cgroup_refusal."""
     sc = "g: ctl --wait, memory.max"
     lab.start("vmemdev", requested=0, scenario=sc)
     daemon = lab.device.daemon
@@ -419,45 +436,122 @@ def test_g_ctl_wait_and_memory_max(lab):
     note(f"g: resize above memory.max -> exit 1: {r.stderr.strip()}")
     lab.check_step("resize above memory.max refused", 384 * MiB)
 
-    # memory.max lowered while the guest plugs toward 1G: in-flight PLUGs are NACKed
+    # memory.max lowered while the guest plugs toward 1G: the guest stops where
+    # the new requested size is. Linux 7.2 checks for a config change before
+    # every PLUG/UNPLUG request (virtio_mem_send_plug_request: config_changed ->
+    # -EAGAIN -> re-read the config), so it does not even run into NACKs here.
     r = daemon.ctl("set", "memory.max", "max")
     assert r.returncode == 0, r
     r = daemon.ctl("resize", "0", "--wait", "--timeout", "120")
     assert r.returncode == 0, r
-    nacks = 0
-    attempts = 0
-    caps = []
-    while nacks == 0 and attempts < 4:
-        attempts += 1
-        before = daemon.execute("query-stats")["requests"].get("PLUG", {}).get("NACK", 0)
-        daemon.execute("resize", size=GiB)
-        deadline = time.monotonic() + 30
-        while (plugged := daemon.status()["plugged_size"]) == 0:
-            assert time.monotonic() < deadline, f"the guest did not start plugging\n{lab.context()}"
-            time.sleep(0.002)
-        cap = min(plugged + LINUX_MEMORY_BLOCK, 512 * MiB)
-        daemon.execute("set-limit", name="memory.max", value=cap)
-        caps.append((plugged, cap))
-        lab.wait_target(cap, t0=time.monotonic(), where=f"memory.max {mib(cap)} during plugging")
-        nacks = daemon.execute("query-stats")["requests"].get("PLUG", {}).get("NACK", 0) - before
-        lab.check_guest_clean(f"g: after lowering memory.max to {mib(cap)} during plugging")
-        if nacks == 0:
-            daemon.execute("set-limit", name="memory.max", value=None)
-            daemon.execute("resize", size=0)
-            lab.wait_target(0, t0=time.monotonic(), where="back to 0 for another try")
-    stats = daemon.execute("query-stats")
-    note(f"g: memory.max lowered during plugging (plugged, cap) {[(mib(p), mib(c)) for p, c in caps]}"
-         f": {nacks} PLUG NACK(s) in the last try, {attempts} tr{'y' if attempts == 1 else 'ies'}; "
-         f"NACK reasons {stats['nacks_by_reason']}")
-    assert nacks > 0, (f"could not provoke a NACK in {attempts} tries (the guest plugged faster "
-                       f"than memory.max was lowered): {caps}")
-    # the driver still works after the NACKs: lift the cap, plug, shrink with --wait
+    before = daemon.execute("query-stats")["requests"].get("PLUG", {})
+    t0 = time.monotonic()
+    daemon.execute("resize", size=GiB)
+    deadline = time.monotonic() + 30
+    while (plugged := daemon.status()["plugged_size"]) == 0:
+        assert time.monotonic() < deadline, f"the guest did not start plugging\n{lab.context()}"
+        time.sleep(0.002)
+    cap = min(plugged + LINUX_MEMORY_BLOCK, 512 * MiB)
+    daemon.execute("set-limit", name="memory.max", value=cap)
+    lab.wait_target(cap, t0=t0, where=f"memory.max {mib(cap)} set while the guest plugs to 1G")
+    record(sc, "resize 1G, memory.max lowered mid-way -> guest settled", "vmemdev",
+           time.monotonic() - t0)
+    after = daemon.execute("query-stats")["requests"].get("PLUG", {})
+    refused = {k: after.get(k, 0) - before.get(k, 0) for k in ("NACK", "BUSY", "ERROR")}
+    assert not refused["ERROR"] and not refused["BUSY"], refused
+    note(f"g: memory.max lowered to {mib(cap)} when the guest had plugged {mib(plugged)} of 1G: "
+         f"it stopped at {mib(cap)}; PLUG NACKs on the way: {refused['NACK']} (Linux re-reads "
+         f"the config before each request)")
+    # the driver still works: lift the cap, plug, shrink with --wait
     r = daemon.ctl("set", "memory.max", "max")
     assert r.returncode == 0, r
     t0 = time.monotonic()
     r = daemon.ctl("resize", "1G", "--wait", "--timeout", "120")
     assert r.returncode == 0 and "reached 1G" in r.stdout, r
-    lab.wait_target(GiB, t0=t0, where="1G after the NACKs")
+    lab.wait_target(GiB, t0=t0, where="1G after memory.max was lifted")
     r = daemon.ctl("resize", "0", "--wait", "--timeout", "120")
     assert r.returncode == 0 and "reached 0" in r.stdout, r
     lab.check_step("0 at the end", 0)
+
+
+# --------------------------------------------------------------------------
+# g'. a plug the host cannot back (cgroup headroom): refused without a livelock
+# --------------------------------------------------------------------------
+
+
+def child_memory_cgroup() -> str | None:
+    root = "/sys/fs/cgroup/memory"
+    if not os.path.exists(os.path.join(root, "memory.limit_in_bytes")) or not os.access(root, os.W_OK):
+        return None
+    own = next((line.split(":", 2)[2].strip() for line in open("/proc/self/cgroup")
+                if line.split(":")[1] == "memory"), "/")
+    path = os.path.join(root + own, f"vmemdev-e2e-{uuid.uuid4().hex[:8]}")
+    os.mkdir(path)
+    return path
+
+
+@pytest.fixture
+def memory_cgroup():
+    path = child_memory_cgroup()
+    if path is None:
+        pytest.skip("needs a writable cgroup v1 memory controller (/sys/fs/cgroup/memory)")
+    yield path
+    for _ in range(100):
+        try:
+            os.rmdir(path)
+            break
+        except OSError:
+            time.sleep(0.1)
+
+
+REFUSALS_ALLOWED_IN_3S = 10
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "vmemdev bug (see the e2e report): a plug refused for lack of cgroup headroom is "
+    "answered NACK while requested_size stays above plugged_size; Linux takes NACK as 'the "
+    "config changed, retry at once' and re-sends the PLUG in a tight loop (~3000/s under TCG), "
+    "each NACK logged. BUSY (Linux backs off 50 s..5 min) or lowering requested_size fixes it."))
+def test_g_cgroup_refusal(lab, memory_cgroup):
+    """`serve --cgroup CG --prealloc` with the daemon in a 384 MiB cgroup:
+    plugs charge the cgroup, so of a 1G request two 128 MiB blocks fit and the
+    third does not. The refusal must not break the driver (no "marking
+    device broken") and must not make it spin: the guest stays at 256M and
+    sends at most a few refused PLUGs in 3 s. When the cgroup has room again,
+    a resize lets the guest plug on."""
+    sc = "g': cgroup headroom refusal"
+    with open(os.path.join(memory_cgroup, "memory.limit_in_bytes"), "w") as f:
+        f.write(str(384 * MiB))
+    lab.start("vmemdev", requested=0, scenario=sc,
+              daemon_args=("--cgroup", memory_cgroup, "--prealloc"))
+    daemon = lab.device.daemon
+    with open(os.path.join(memory_cgroup, "cgroup.procs"), "w") as f:
+        f.write(str(daemon.proc.pid))
+    daemon.execute("resize", size=GiB)
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while True:
+        stats = daemon.execute("query-stats")
+        plug = stats["requests"].get("PLUG", {})
+        if plug.get("ACK", 0) >= 2 and (plug.get("NACK", 0) or plug.get("BUSY", 0)):
+            break
+        assert time.monotonic() < deadline, f"no refused plug: {stats}\n{lab.context()}"
+        time.sleep(0.05)
+    lab.wait_target(256 * MiB, t0=time.monotonic(), where="cgroup full at 256M",
+                    requested=GiB)
+    n0 = sum(v for k, v in daemon.execute("query-stats")["requests"]["PLUG"].items() if k != "ACK")
+    time.sleep(3)
+    stats = daemon.execute("query-stats")
+    n1 = sum(v for k, v in stats["requests"]["PLUG"].items() if k != "ACK")
+    note(f"g': cgroup 384M: plugged {mib(daemon.status()['plugged_size'])} of 1G; refused PLUGs in "
+         f"3 s: {n1 - n0} ({stats['requests']['PLUG']}, reasons {stats['nacks_by_reason']})")
+    lab.check_guest_clean("g': after the refusals")
+    assert n1 - n0 <= REFUSALS_ALLOWED_IN_3S, (
+        f"the guest re-sent {n1 - n0} refused PLUGs in 3 s: it spins on the refusal "
+        f"({stats['requests']['PLUG']}, reasons {stats['nacks_by_reason']})")
+    # room again: the operator's next resize lets the guest continue
+    with open(os.path.join(memory_cgroup, "memory.limit_in_bytes"), "w") as f:
+        f.write(str(2 * GiB))
+    t0 = time.monotonic()
+    r = daemon.ctl("resize", "768M", "--wait", "--timeout", "120")
+    assert r.returncode == 0, r
+    lab.wait_target(768 * MiB, t0=t0, where="768M after the cgroup got room")
