@@ -200,14 +200,15 @@ class FrontendConnection:
     def _failure(self, request: int, flags: int, exc: Exception) -> bytes | None:
         """Log a refused message; answer a failure where the front-end waits for one.
 
-        NEED_REPLY gets a non-zero status. A request that carries its own reply
-        (GET_*), or an unknown one without NEED_REPLY, has no honest failure
-        answer and the front-end may be waiting: the connection is closed.
+        With REPLY_ACK negotiated, NEED_REPLY gets a non-zero status. A request
+        that carries its own reply (GET_*), or an unknown one the front-end may
+        be waiting on, has no honest failure answer: the connection is closed.
         """
-        if request in vu.REQUESTS_WITH_REPLY or not (vu.is_known(request) or flags & vu.Flags.NEED_REPLY):
+        acked = bool(flags & vu.Flags.NEED_REPLY) and self.session is not None and self.session.reply_ack
+        if request in vu.REQUESTS_WITH_REPLY or not (vu.is_known(request) or acked):
             log.error("front-end protocol error: %s; closing the connection", exc)
             raise ConnectionClosed("closed after a protocol error")
-        if flags & vu.Flags.NEED_REPLY:
+        if acked:
             log.error("front-end protocol error: %s; answered failure", exc)
             return vu.encode_u64(1)
         log.error("front-end protocol error: %s; message ignored", exc)
