@@ -189,6 +189,8 @@ class Daemon:
     extra: tuple[str, ...] = ()
     block_size: int = BLOCK
     region_addr: int = 0x1_0000_0000
+    # How to start the daemon; experiments point this at a patched copy's interpreter.
+    command: tuple[str, ...] = (sys.executable, "-m", "vmemdev")
     startup_s: float = field(init=False, default=float("nan"))
 
     def __post_init__(self):
@@ -197,7 +199,7 @@ class Daemon:
         self.control_path = os.path.join(self._dir.name, "vm0.ctl")
         self.log_path = os.path.join(self._dir.name, "daemon.log")
         self._log = open(self.log_path, "w")
-        cmd = [sys.executable, "-m", "vmemdev", "serve", "--socket-path", self.socket_path,
+        cmd = [*self.command, "serve", "--socket-path", self.socket_path,
                "--control-socket", self.control_path, "--region-addr", hex(self.region_addr),
                "--region-size", str(self.region_size), "--block-size", str(self.block_size),
                "--requested-size", str(self.requested_size), "--log-level", "warning", *self.extra]

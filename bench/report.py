@@ -73,7 +73,7 @@ def markdown(result: dict) -> str:
         c = u.get("curve")
         if c:
             L += [f"Request size vs throughput ({c['size'] >> 30} GiB, raw = C punch in calls of the same size):", "",
-                  _table(["blocks / request", "request", "vmemdev GiB/s", "raw GiB/s", "ratio"],
+                  _table(["blocks / request", "request", "vmemdev GiB/s", "raw GiB/s", "ratio (median of pairs)"],
                          [[r["blocks_per_request"], f"{r['request_bytes'] // MiB} MiB", r["vmemdev_gib_s"],
                            r["raw_gib_s"], r["ratio"]] for r in c["rows"]]), ""]
             if result.get("plots", {}).get("unplug_curve"):

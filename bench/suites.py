@@ -75,6 +75,23 @@ def in_session(daemon: Daemon, body):
     return trio.run(_session, daemon, body)
 
 
+async def _sessions(daemons: list[Daemon], body):
+    fes = []
+    try:
+        for d in daemons:
+            fes.append(await C.attach(d.socket_path, d.region_addr, d.region_size))
+        return body(fes)
+    finally:
+        for fe in fes:
+            await fe.close()
+            fe.release()
+
+
+def in_sessions(daemons: list[Daemon], body):
+    """Several daemons, one front-end each, attached together (for interleaved comparisons)."""
+    return trio.run(_sessions, daemons, body)
+
+
 # --- 1. unplug throughput --------------------------------------------------------
 
 
@@ -158,7 +175,7 @@ def unplug_curve(run: Run) -> dict:
     """Throughput vs request size (blocks per request), 1 GiB: per-request overhead made visible."""
     size = GiB
     nbs = [1, 64, 512] if run.quick else [1, 4, 16, 64, 256, 512]
-    reps = 1 if run.quick else 3
+    reps = 1 if run.quick else 5
     h = run.helper
     rows = []
     with Daemon(region_size=size, requested_size=size) as d:
@@ -184,7 +201,7 @@ def unplug_curve(run: Run) -> dict:
                         _assert_alloc(fe, 0, "after unplug")
                 rows.append({"blocks_per_request": nb, "request_bytes": nb * BLOCK,
                              "vmemdev_gib_s": median(subj), "raw_gib_s": median(raw),
-                             "ratio": median(subj) / median(raw)})
+                             "ratio": median([a / b for a, b in zip(subj, raw)])})
         in_session(d, body)
     return {"size": size, "reps": reps, "rows": rows}
 
@@ -269,7 +286,7 @@ def _trio_idle_rss() -> dict:
 
 
 def roundtrips(run: Run) -> dict:
-    rounds, per_round = (3, 300) if run.quick else (10, 1000)
+    rounds, per_round = (3, 300) if run.quick else (20, 500)
     h = run.helper
     size = GiB
     res: dict = {}
@@ -408,7 +425,7 @@ def scale(run: Run) -> dict:
     sizes = [GiB, TiB, 16 * TiB]
     starts = 2 if run.quick else 5
     n_state = 300 if run.quick else 2000
-    n_ua = 5 if run.quick else 20
+    n_ua = 6 if run.quick else 20
     reps_full = 1 if run.quick else 3
     h = run.helper
     # Start-up: interleaved over sizes, plus the interpreter's own start as the anchor.
@@ -426,42 +443,60 @@ def scale(run: Run) -> dict:
             d = Daemon(region_size=s, requested_size=GiB)
             startup[_name(s)].append(d.startup_s)
             d.stop()
-    rows = []
-    for s in sizes:
-        with Daemon(region_size=s, requested_size=GiB) as d:
-            def body(fe):
-                rc = C.RingClient(fe)
-                fd, addr = fe.ram.dimm_fd, _dimm_addr(fe)
-                time.sleep(0.2)
-                attached = d.status()
+    # All three regions at once (three daemons, three front-ends), measured in
+    # rotating rounds so machine noise hits every size alike.
+    rounds = 3 if run.quick else 10
+    daemons = []
+    try:
+        for s in sizes:
+            daemons.append(Daemon(region_size=s, requested_size=GiB))
+
+        def body(fes):
+            rcs = [C.RingClient(fe) for fe in fes]
+            time.sleep(0.2)
+            per = [{"region": s, "name": _name(s), "status_attached": d.status(), "state": [], "ua_empty": [],
+                    "raw_empty": [], "ua_1g": [], "raw_1g": []} for s, d in zip(sizes, daemons)]
+            for rc in rcs:
                 rc.ack(C.STATE, ADDR, REQ_BLOCKS)
-                _gc_off()
-                try:
-                    state = [rc.ack(C.STATE, ADDR, REQ_BLOCKS) for _ in range(n_state)]
-                finally:
-                    gc.enable()
-                ua_empty, raw_empty = [], []
-                for i in range(n_ua):
-                    for kind in (("subject", "raw") if i % 2 == 0 else ("raw", "subject")):
-                        if kind == "subject":
-                            ua_empty.append(rc.ack(C.UNPLUG_ALL))
-                        else:
-                            raw_empty.append(h.punch(fd, 0, s))
-                ua_full, raw_full = [], []
-                for i in range(reps_full):
-                    for kind in (("subject", "raw") if i % 2 == 0 else ("raw", "subject")):
-                        populate_checked(h, addr, GiB)
-                        if kind == "subject":
-                            _plug_all(rc, GiB)
-                            ua_full.append(rc.ack(C.UNPLUG_ALL))
-                        else:
-                            raw_full.append(h.punch(fd, 0, s))
-                        _assert_alloc(fe, 0, "after UNPLUG_ALL")
-                return {"region": s, "name": _name(s), "status_attached": attached,
-                        "status_after": d.status(), "state_64_blocks": lat_summary(state),
-                        "unplug_all_empty": lat_summary(ua_empty), "raw_punch_region_empty": lat_summary(raw_empty),
-                        "unplug_all_1g": lat_summary(ua_full), "raw_punch_region_1g": lat_summary(raw_full)}
-            rows.append(in_session(d, body))
+            for r in range(rounds):
+                order = list(range(len(sizes)))
+                order = order[r % len(order):] + order[:r % len(order)]
+                for i in order:
+                    rc, fe, row, s = rcs[i], fes[i], per[i], sizes[i]
+                    _gc_off()
+                    try:
+                        row["state"] += [rc.ack(C.STATE, ADDR, REQ_BLOCKS) for _ in range(n_state // rounds)]
+                    finally:
+                        gc.enable()
+                    for j in range(max(1, n_ua // rounds)):
+                        for kind in (("subject", "raw") if (r + j) % 2 == 0 else ("raw", "subject")):
+                            if kind == "subject":
+                                row["ua_empty"].append(rc.ack(C.UNPLUG_ALL))
+                            else:
+                                row["raw_empty"].append(h.punch(fe.ram.dimm_fd, 0, s))
+                    if r < reps_full:
+                        for kind in (("subject", "raw") if r % 2 == 0 else ("raw", "subject")):
+                            populate_checked(h, _dimm_addr(fe), GiB)
+                            if kind == "subject":
+                                _plug_all(rc, GiB)
+                                row["ua_1g"].append(rc.ack(C.UNPLUG_ALL))
+                            else:
+                                row["raw_1g"].append(h.punch(fe.ram.dimm_fd, 0, s))
+                            _assert_alloc(fe, 0, "after UNPLUG_ALL")
+            out = []
+            for row, d in zip(per, daemons):
+                out.append({"region": row["region"], "name": row["name"], "status_attached": row["status_attached"],
+                            "status_after": d.status(), "state_64_blocks": lat_summary(row["state"]),
+                            "unplug_all_empty": lat_summary(row["ua_empty"]),
+                            "raw_punch_region_empty": lat_summary(row["raw_empty"]),
+                            "unplug_all_1g": lat_summary(row["ua_1g"]),
+                            "raw_punch_region_1g": lat_summary(row["raw_1g"])})
+            return out
+
+        rows = in_sessions(daemons, body)
+    finally:
+        for d in daemons:
+            d.stop()
     res = {"startup_s": {k: median(v) for k, v in startup.items()}, "startup_samples_s": startup, "rows": rows,
            "notes": "region = a sparse memfd DIMM of that size; requested 1 GiB; UNPLUG_ALL punches the whole "
                     "region in one call (as the daemon does), the raw baseline makes the same call from C"}

@@ -7,10 +7,10 @@ import time
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from vmemdev.bitmap import BlockBitmap
-from vmemdev.device import ERROR, NACK, Answer, Geometry, Plug, Unplug, UnplugAll, VirtioMemDevice
+from vmemdev.device import Answer, Geometry, Plug, Unplug, UnplugAll, VirtioMemDevice
 from vmemdev.errors import ConfigError
 from vmemdev.protocol.virtio_mem import BlockState, MemRequest, RequestType, ResponseType
 

@@ -8,7 +8,6 @@ nothing outside the guest regions is read or written.
 from __future__ import annotations
 
 import os
-import socket
 import struct
 
 import pytest
@@ -18,7 +17,7 @@ from vmemdev.protocol import vhost_user as vu
 from vmemdev.protocol.vhost_user import Request
 from vmemdev.protocol.virtio_mem import MemRequest, RequestType, ResponseType
 from vmemdev.protocol.virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
-from vmemdev.testing.frontend import Frontend, FrontendError
+from vmemdev.testing.frontend import Frontend
 
 from .conftest import MiB, A, B, attach, settle
 

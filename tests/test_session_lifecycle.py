@@ -7,7 +7,6 @@ import trio
 from vmemdev.protocol import vhost_user as vu
 from vmemdev.protocol.vhost_user import Request
 from vmemdev.protocol.virtio_mem import MemRequest, RequestType, ResponseType
-from vmemdev.testing.frontend import Frontend
 from vmemdev.testing.guest import SimulatedLinuxGuest
 
 from .conftest import MiB, A, B, attach, settle

@@ -16,7 +16,6 @@ import grp
 import logging
 import os
 import socket
-import stat
 import struct
 
 import trio
@@ -25,6 +24,7 @@ from . import __version__, control
 from .errors import VmemdevError
 from .protocol import control as proto
 from .service import DeviceService
+from .sockets import accept, bind_unix_listener
 
 log = logging.getLogger(__name__)
 
@@ -80,23 +80,10 @@ class ControlServer:
         return f"pid {pid} uid {uid} gid {gid} is not {who}"
 
     async def bind(self) -> trio.socket.SocketType:
-        if os.path.lexists(self.path):
-            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                raise VmemdevError(f"{self.path} exists and is not a socket")
-            os.unlink(self.path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # the file is never world-accessible, not even briefly
-        try:
-            await sock.bind(self.path)
-        except OSError as exc:
-            sock.close()
-            raise VmemdevError(f"cannot listen on {self.path}: {exc}") from exc
-        finally:
-            os.umask(old_umask)
+        sock = await bind_unix_listener(self.path)
         if self.gid is not None:
             os.chown(self.path, -1, self.gid)
             os.chmod(self.path, 0o660)
-        sock.listen(16)
         return sock
 
     # --- serving -----------------------------------------------------------------
@@ -108,13 +95,7 @@ class ControlServer:
             task_status.started()
             async with trio.open_nursery() as nursery:
                 while True:
-                    try:
-                        sock, _ = await listener.accept()
-                    except OSError as exc:
-                        log.error("control socket accept failed (%s); retrying", exc)
-                        await trio.sleep(0.1)
-                        continue
-                    nursery.start_soon(self._client, sock)
+                    nursery.start_soon(self._client, await accept(listener))
         finally:
             listener.close()
             if os.path.exists(self.path):

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import array
 import contextlib
-import errno
 import functools
 import logging
 import os
 import signal
 import socket
-import stat
 
 import trio
 
@@ -32,6 +30,7 @@ from .control_server import ControlServer, describe
 from .errors import PeerProtocolError, VmemdevError
 from .protocol import vhost_user as vu
 from .service import DeviceService
+from .sockets import accept, bind_unix_listener
 from .sizes import format_size
 from .trace import Tracer
 
@@ -288,36 +287,13 @@ async def serve_listener(
     task_status.started()
     async with trio.open_nursery() as nursery:
         while True:
-            try:
-                sock, _ = await listener.accept()
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept failed (%s); retrying in 100 ms", exc)
-                    await trio.sleep(0.1)
-                    continue
-                raise
+            sock = await accept(listener)
             if service.frontend_attached:
                 log.warning("refused a second front-end connection: this device already has one")
                 sock.close()
                 continue
             service.frontend_attached = True
             nursery.start_soon(handle, sock)
-
-
-async def bind_unix_listener(path: str) -> trio.socket.SocketType:
-    if os.path.lexists(path):
-        # A stale socket from an earlier run may go; anything else is not ours.
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise VmemdevError(f"{path} exists and is not a socket")
-        os.unlink(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        raise VmemdevError(f"cannot listen on {path}: {exc}") from exc
-    sock.listen(4)
-    return sock
 
 
 def status_line(service: DeviceService) -> str:

@@ -1,0 +1,52 @@
+"""Listening Unix sockets, shared by the vhost-user and the control socket."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+
+import trio
+
+from .errors import VmemdevError
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED)
+
+
+async def bind_unix_listener(path: str, backlog: int = 16) -> trio.socket.SocketType:
+    """Listen on ``path`` (mode 0600: created under umask 0177, never briefly open).
+
+    A stale socket from an earlier run is replaced; any other file is refused.
+    """
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise VmemdevError(f"{path} exists and is not a socket")
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        await sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise VmemdevError(f"cannot listen on {path}: {exc}") from exc
+    finally:
+        os.umask(old_umask)
+    sock.listen(backlog)
+    return sock
+
+
+async def accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
+    """The next connection; running out of fds or memory is waited out, not fatal."""
+    while True:
+        try:
+            sock, _ = await listener.accept()
+            return sock
+        except OSError as exc:
+            if exc.errno not in TRANSIENT_ACCEPT_ERRORS:
+                raise
+            log.error("accept on %s failed (%s); retrying in 100 ms", listener.getsockname(), exc)
+            await trio.sleep(0.1)
