@@ -52,3 +52,14 @@ def test_config_replies_in_the_qemu_capture_parse():
     assert sorted(set(requested)) == [128, 256, 512]
     first = vm.Config.unpack(replies[0].payload[12:])
     assert (first.block_size, first.addr, first.region_size) == (2 << 20, 4 << 30, 1 << 30)
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1), u16, u16)
+def test_descriptor_layouts_agree(addr, length, flags, nxt):
+    from vmemdev.protocol.virtqueue import DESC, USED_ELEM, DescStruct, UsedElemStruct
+
+    raw = DESC.pack(addr, length, flags, nxt)
+    assert DescStruct.build(dict(addr=addr, len=length, flags=flags, next=nxt)) == raw
+    parsed = DescStruct.parse(raw)
+    assert (parsed.addr, parsed.len, parsed.flags, parsed.next) == DESC.unpack(raw)
+    assert UsedElemStruct.build(dict(id=flags, len=length)) == USED_ELEM.pack(flags, length)

@@ -24,7 +24,13 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
+import construct as cs
+
 from ..errors import PeerProtocolError
+
+# Readable definitions; the hot path below uses the precompiled structs.
+DescStruct = cs.Struct("addr" / cs.Int64ul, "len" / cs.Int32ul, "flags" / cs.Int16ul, "next" / cs.Int16ul)
+UsedElemStruct = cs.Struct("id" / cs.Int32ul, "len" / cs.Int32ul)
 
 DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")
