@@ -71,6 +71,8 @@ def human_stats(s: dict) -> str:
     lines.append(f"prealloc    {format_size(s['bytes_preallocated'])}")
     nacks = s["nacks_by_reason"]
     lines.append("NACKs       " + (", ".join(f"{k} {v}" for k, v in nacks.items()) or "none"))
+    busy = s.get("busy_by_reason", {})
+    lines.append("BUSY        " + (", ".join(f"{k} {v}" for k, v in busy.items()) or "none"))
     return "\n".join(lines)
 
 
@@ -158,6 +160,8 @@ def describe_refusals(before: dict, after: dict) -> str:
                 parts.append(f"{n} {kind} {outcome}")
     if after["nacks_by_reason"]:
         parts.append("NACK reasons: " + ", ".join(f"{k} {v}" for k, v in after["nacks_by_reason"].items()))
+    if after.get("busy_by_reason"):
+        parts.append("BUSY reasons: " + ", ".join(f"{k} {v}" for k, v in after["busy_by_reason"].items()))
     return "; ".join(parts) or "no requests refused: is the guest driver loaded and onlining memory?"
 
 

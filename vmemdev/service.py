@@ -54,6 +54,7 @@ class Stats:
     def __init__(self, window: int = 10000):
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
         self.nacks_by_reason: collections.Counter[str] = collections.Counter()
+        self.busy_by_reason: collections.Counter[str] = collections.Counter()
         self.latencies: collections.deque[float] = collections.deque(maxlen=window)
         self.bytes_discarded = 0
         self.bytes_preallocated = 0
@@ -70,6 +71,7 @@ class Stats:
         return {
             "requests": by_type,
             "nacks_by_reason": dict(self.nacks_by_reason),
+            "busy_by_reason": dict(self.busy_by_reason),
             "latency_us": {"samples": len(lat), "p50": pct(0.5), "p99": pct(0.99),
                            "max": round(lat[-1] * 1e6, 1) if lat else None},
             "bytes_discarded": self.bytes_discarded,
@@ -281,8 +283,6 @@ class DeviceService:
         self.stats.latencies.append(time.perf_counter() - started)
         kind = RequestType(request.type).name
         self.stats.requests[(kind, ResponseType(response.type).name)] += 1
-        if response.type == ResponseType.BUSY:
-            self.events.publish("BUSY", request=kind, addr=request.addr, nb_blocks=request.nb_blocks)
         d = self.device
         if response.type == ResponseType.ACK and kind != "STATE" and d.plugged_size == d.requested_size:
             self.events.publish("REQUESTED_REACHED", plugged=d.plugged_size)
@@ -295,23 +295,33 @@ class DeviceService:
                             size=decision.size)
         return NACK.response
 
+    def _busy(self, reason: str, kind: str, gpa: int, size: int, detail: str = "") -> MemResponse:
+        """BUSY: Linux retries on a timer (50 s doubling to 300 s) or on the next resize."""
+        self.stats.busy_by_reason[reason] += 1
+        self.events.publish("BUSY", request=kind, reason=reason, detail=detail, addr=gpa, size=size)
+        return BUSY
+
     async def _plug(self, decision: Plug) -> MemResponse:
+        addr, size = decision.addr, decision.size
         max_ = self.limits.memory_max
-        if max_ is not None and self.device.plugged_size + decision.size > max_:
+        if max_ is not None and self.device.plugged_size + size > max_:
             return self._nack("memory.max", f"would exceed memory.max {format_size(max_)}", decision)
         if self.cgroup is not None:
             try:
-                problem = self.cgroup.check_headroom(decision.size)
+                problem = self.cgroup.check_headroom(size)
             except OSError as exc:
                 log.error("cannot read cgroup %s, answering BUSY: %s", self.cgroup.path, exc)
-                return BUSY
+                return self._busy("cgroup-unreadable", "PLUG", addr, size, str(exc))
             if problem:
-                return self._nack("cgroup", problem, decision)
-        pieces = self.device_backing(decision.addr, decision.size)
+                # BUSY, not NACK: Linux takes a NACK as "config changed" and re-sends the
+                # PLUG at once, spinning while requested_size stays above plugged_size.
+                log.warning("PLUG %#x+%s refused (BUSY): %s", addr, format_size(size), problem)
+                return self._busy("cgroup", "PLUG", addr, size, problem)
+        pieces = self.device_backing(addr, size)
         if pieces is None:
-            return BUSY
+            return self._busy("region-not-shared", "PLUG", addr, size)
         if self.prealloc and not await self._populate(pieces, decision):
-            return BUSY
+            return self._busy("prealloc-failed", "PLUG", addr, size)
         return self.device.commit(decision)
 
     async def _populate(self, pieces: list[Backing], decision: Plug) -> bool:
@@ -339,14 +349,15 @@ class DeviceService:
     async def _discard_then_commit(
         self, decision: Unplug | UnplugAll, gpa: int, size: int
     ) -> MemResponse:
+        kind = "UNPLUG" if isinstance(decision, Unplug) else "UNPLUG_ALL"
         pieces = self.device_backing(gpa, size)
         if pieces is None:
-            return BUSY
+            return self._busy("region-not-shared", kind, gpa, size)
         try:
             await discard(pieces)
         except NativeError as exc:
             log.error("discarding %#x+%s failed, answering BUSY: %s", gpa, format_size(size), exc)
-            return BUSY
+            return self._busy("discard-failed", kind, gpa, size, str(exc))
         self.stats.bytes_discarded += decision.size if isinstance(decision, Unplug) else decision.plugged_size
         return self.device.commit(decision)
 

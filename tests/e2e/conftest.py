@@ -77,6 +77,7 @@ def lab(request, guestlab_info):
     finally:
         call = getattr(request.node, "rep_call", None)
         passed = call is not None and call.passed
+        xfailed = call is not None and call.skipped and hasattr(call, "wasxfail")
         # (h) on every test that left its guest running: the guest logged no
         # virtio_mem error and the daemon no error.
         late = None
@@ -86,10 +87,11 @@ def lab(request, guestlab_info):
                 lab.check_daemon_clean("at the end of the test")
             except AssertionError as exc:
                 late = str(exc)
-        problems = lab.close(keep=not passed or late is not None)
+        keep = not (passed or xfailed) or late is not None
+        problems = lab.close(keep=keep)
         if late:
             problems.insert(0, late)
-        if not passed:
+        if keep:
             print(f"\n[e2e] logs kept in {lab.workdir}")
         if problems and passed:
             pytest.fail("\n".join(problems), pytrace=False)

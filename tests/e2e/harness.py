@@ -90,7 +90,10 @@ def note(text: str) -> None:
 
 
 def vmemdev_bin() -> str:
-    """The console script of the venv that runs the tests (.venv/bin/vmemdev)."""
+    """The console script of the venv that runs the tests (.venv/bin/vmemdev),
+    or $VMEMDEV_E2E_BIN (e.g. to try a patched build)."""
+    if os.environ.get("VMEMDEV_E2E_BIN"):
+        return os.environ["VMEMDEV_E2E_BIN"]
     here = Path(sys.executable).with_name("vmemdev")
     if here.exists():
         return str(here)
@@ -115,6 +118,23 @@ def tail(path: Path, lines: int = 25) -> str:
     except OSError as exc:
         return f"({path}: {exc.strerror})"
     return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+
+
+def console_tail(path: Path, lines: int = 20) -> str:
+    """The guest console without the agent's replies (@@BEGIN..@@END)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"({path}: {exc.strerror})"
+    keep, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("@@BEGIN "):
+            inside = True
+        elif line.startswith("@@END "):
+            inside = False
+        elif not inside and line.strip():
+            keep.append(line)
+    return "\n".join(keep[-lines:]) or "(nothing but agent replies)"
 
 
 def allocated(path: Path) -> int:
@@ -336,6 +356,7 @@ class Lab:
         self.base_kb: int | None = None
         self.kind = "?"
         self.boots = 0
+        self._in_context = False
 
     # -- files ---------------------------------------------------------------
     def shm_file(self, name: str) -> Path:
@@ -346,7 +367,17 @@ class Lab:
     def context(self) -> str:
         parts = [f"--- work directory: {self.workdir}"]
         if self.guest is not None:
-            parts.append("--- guest console (tail) ---\n" + tail(self.guest.console_log, 30))
+            parts.append("--- guest console, agent replies left out (tail) ---\n"
+                         + console_tail(self.guest.console_log, 20))
+            if self.guest.alive() and not self._in_context:
+                self._in_context = True
+                try:  # bounded: the agent may be what is broken
+                    st, out = self.guest.run("dmesg | tail -n 25", timeout=10)
+                    parts.append("--- guest dmesg (tail) ---\n" + out.rstrip())
+                except Exception as exc:  # noqa: BLE001
+                    parts.append(f"--- guest dmesg: not available ({str(exc).splitlines()[0]})")
+                finally:
+                    self._in_context = False
             parts.append("--- qemu.log (tail) ---\n" + tail(self.guest.qemu_log, 10))
         if self.device is not None and self.device.daemon is not None:
             parts.append("--- vmemdev.log (tail) ---\n" + tail(self.device.daemon.log_path, 30))
@@ -524,7 +555,7 @@ class Lab:
                 self.fail(f"{where}: within {timeout:.0f}s the guest did not get to {mib(target)}: "
                           f"MemTotal {total} kB (base {self.base_kb} kB, want {want_kb} kB ± "
                           f"{TOL_KB}; delta {(total - self.base_kb) / 1024:+.1f} MiB), device "
-                          f"plugged {mib(plugged)} requested {mib(requested)}")
+                          f"plugged {mib(plugged)} requested {mib(now_requested)}")
             time.sleep(poll)
         return {"first_change": t_first, "memtotal": t_mem, "plugged": t_plug}
 

@@ -28,8 +28,8 @@ import uuid
 
 import pytest
 
-from .harness import (BLOCK_SIZE, GiB, KiB, LINUX_MEMORY_BLOCK, OBSERVED, STEP_TIMEOUT, TOL_KB,
-                      MiB, allocated, mib, note, record)
+from .harness import (BLOCK_SIZE, LINUX_MEMORY_BLOCK, OBSERVED, STEP_TIMEOUT, GiB, KiB, MiB,
+                      allocated, mib, note, record, smoke)
 
 pytestmark = pytest.mark.e2e
 
@@ -156,6 +156,7 @@ def test_b_pattern_survives_partial_unplug(lab, kind):
 # --------------------------------------------------------------------------
 
 LEAVE_FREE_MIB = 20
+REGION_BLOCKS = GiB // LINUX_MEMORY_BLOCK  # 8 Linux memory blocks of 128 MiB
 
 
 @pytest.mark.parametrize("kind", DEVICES)
@@ -222,9 +223,10 @@ def test_c_low_memory_hot_add(lab, kind):
             f"{est_kb // 4} (the memmap estimate, {est_kb} kB)\n{lab.context()}")
         record(sc, "nr_memmap_pages growth per 128M block (MiB)", kind,
                sum(memmap_pages) * 4 / len(memmap_pages) / 1024)
-    # MemFree is noisy (per-cpu page lists, the agent's own processes): the
-    # mean over 8 blocks is within 1 MiB of the memmap.
-    assert abs(mean - est_kb) <= 1024, (
+    # MemFree is noisy (per-cpu page lists, the agent's own processes; single
+    # blocks were seen from -4 to +4.5 MiB, the mean over 8 from 1.4 to 2.0
+    # MiB): a loose check; the exact one is nr_memmap_pages above.
+    assert est_kb / 4 <= mean <= est_kb * 2, (
         f"MemFree dropped by {mean:.0f} kB per memory block on average ({per_block}), "
         f"expected about the memmap estimate {est_kb} kB\n{lab.context()}")
     warnings = lab.check_guest_clean(
@@ -243,45 +245,58 @@ def test_c_low_memory_hot_add(lab, kind):
                        lambda v: json.dumps(v))
 
 
-REGION_BLOCKS = GiB // LINUX_MEMORY_BLOCK
-
 
 # --------------------------------------------------------------------------
 # d. requested size above the region / unaligned
 # --------------------------------------------------------------------------
 
 
-def test_d_invalid_sizes_are_refused(lab):
-    """`vmemdev ctl resize` with a size above the region or not a multiple of
-    the block size exits 1 with the reason on stderr; nothing reaches the
-    guest (no new config change, MemTotal and the device unchanged)."""
+@pytest.mark.parametrize("kind", DEVICES)
+def test_d_invalid_sizes_are_refused(lab, kind):
+    """vmemdev: `vmemdev ctl resize` with a size above the region or not a
+    multiple of the block size exits 1 with a one-line reason on stderr.
+    QEMU's device: `qom-set vmem0 requested-size` fails over QMP. Either way
+    nothing reaches the guest (no new config change, MemTotal and the device
+    unchanged), and a valid resize works afterwards."""
     sc = "d: invalid sizes refused"
-    lab.start("vmemdev", requested=256 * MiB, scenario=sc)
+    lab.start(kind, requested=256 * MiB, scenario=sc)
     lab.wait_target(256 * MiB, t0=lab.guest.t_start, where="boot with 256M requested")
     daemon = lab.device.daemon
     before_total = lab.memtotal()
     _, vm_lines = lab.run("dmesg | grep -c virtio_mem")
-    events_before = len(daemon.execute("query-events"))
-    cases = [
-        (("2G",), r"larger than the region"),
-        (("1025M",), r"multiple of the block size|larger than the region"),
-        (("3M",), r"not a multiple of the block size"),
-        (("4097K",), r"not a multiple of the block size"),
-        (("2G", "--wait", "--timeout", "10"), r"larger than the region"),
-        (("12abc",), r"size|invalid|unknown"),
-    ]
-    for args, pattern in cases:
-        t0 = time.monotonic()
-        r = daemon.ctl("resize", *args)
-        record(sc, "vmemdev ctl resize (refused) round trip", "vmemdev", time.monotonic() - t0)
-        assert r.returncode == 1, (
-            f"vmemdev ctl resize {' '.join(args)}: exit status {r.returncode}, expected 1\n"
-            f"stdout {r.stdout!r}\nstderr {r.stderr!r}")
-        msg = r.stderr.strip()
-        assert msg.startswith("vmemdev ctl: ") and len(msg.splitlines()) == 1, (
-            f"resize {args[0]}: not a one-line reason: {r.stderr!r}")
-        assert re.search(pattern, msg, re.I), f"resize {args[0]}: unclear message {msg!r}"
-        note(f"d: vmemdev ctl resize {' '.join(args)} -> exit 1: {msg}")
+    events_before = len(daemon.execute("query-events")) if daemon else 0
+    if kind == "vmemdev":
+        cases = [
+            (("2G",), r"larger than the region"),
+            (("1025M",), r"multiple of the block size|larger than the region"),
+            (("3M",), r"not a multiple of the block size"),
+            (("4097K",), r"not a multiple of the block size"),
+            (("2G", "--wait", "--timeout", "10"), r"larger than the region"),
+            (("12abc",), r"size|invalid|unknown"),
+        ]
+        for args, pattern in cases:
+            t0 = time.monotonic()
+            r = daemon.ctl("resize", *args)
+            record(sc, "refused resize round trip (ctl / QMP)", kind, time.monotonic() - t0)
+            assert r.returncode == 1, (
+                f"vmemdev ctl resize {' '.join(args)}: exit status {r.returncode}, expected 1\n"
+                f"stdout {r.stdout!r}\nstderr {r.stderr!r}")
+            msg = r.stderr.strip()
+            assert msg.startswith("vmemdev ctl: ") and len(msg.splitlines()) == 1, (
+                f"resize {args[0]}: not a one-line reason: {r.stderr!r}")
+            assert re.search(pattern, msg, re.I), f"resize {args[0]}: unclear message {msg!r}"
+            note(f"d/vmemdev: vmemdev ctl resize {' '.join(args)} -> exit 1: {msg}")
+    else:
+        for size in (2 * GiB, 1025 * MiB, 3 * MiB, 4097 * KiB):
+            t0 = time.monotonic()
+            try:
+                lab.device.resize(size)
+            except smoke.GuestError as exc:
+                record(sc, "refused resize round trip (ctl / QMP)", kind, time.monotonic() - t0)
+                note(f"d/qemu: qom-set requested-size {mib(size)} -> "
+                     f"{str(exc).split('GenericError: ')[-1][:120]}")
+            else:
+                pytest.fail(f"QEMU accepted requested-size {size}")
     time.sleep(2)  # give a wrongly sent notification time to show
     plugged, requested = lab.device.sizes()
     assert (plugged, requested) == (256 * MiB, 256 * MiB), (plugged, requested)
@@ -290,12 +305,12 @@ def test_d_invalid_sizes_are_refused(lab):
     assert vm_lines_after == vm_lines, (
         f"the guest's driver logged new lines (a config change reached it?):\n"
         f"{lab.check('dmesg | grep virtio_mem')}")
-    events = daemon.execute("query-events")[events_before:]
-    assert not [e for e in events if e["event"] == "CONFIG_CHANGE_SENT"], events
+    if daemon:
+        events = daemon.execute("query-events")[events_before:]
+        assert not [e for e in events if e["event"] == "CONFIG_CHANGE_SENT"], events
     lab.check_step("after the refused resizes", 256 * MiB)
     # and the device still works
-    r = daemon.ctl("resize", "512M", "--wait", "--timeout", "60")
-    assert r.returncode == 0, r
+    lab.resize_and_wait(512 * MiB, scenario=sc, label="256M->512M after the refusals")
     lab.check_step("512M after the refusals", 512 * MiB)
 
 
@@ -304,24 +319,31 @@ def test_d_invalid_sizes_are_refused(lab):
 # --------------------------------------------------------------------------
 
 
-def test_e_reboot_with_memory_plugged(lab):
+@pytest.mark.parametrize("kind", DEVICES)
+def test_e_reboot_with_memory_plugged(lab, kind):
     """QEMU without -no-reboot; 256M plugged and partly used; `reboot -f` in
-    the guest. The daemon keeps the vhost-user session and the plugged state
-    across QEMU's system reset (device reset keeps state, as documented); the
-    new boot's driver finds plugged 256M at probe, logs "unplugging all
-    memory is required", sends UNPLUG_ALL (the daemon punches the whole
-    region: host allocation back to ~0), then plugs the requested 256M again;
-    a later resize to 512M works."""
+    the guest.
+
+    vmemdev: QEMU keeps the vhost-user connection (at the reset it only stops
+    the ring: SET_VRING_ENABLE 0, GET_VRING_BASE); the daemon keeps the
+    plugged blocks and their memory (documented: resets keep state); the new
+    boot's driver finds plugged 256M at probe, logs "unplugging all memory is
+    required", sends UNPLUG_ALL (the daemon punches the whole region), then
+    plugs the requested 256M again.
+
+    QEMU's virtio-mem-pci unplugs everything itself at system reset: the new
+    driver finds plugged 0. Either way the new boot ends with 256M plugged,
+    the old boot's memory given back, and a later resize to 512M works."""
     sc = "e: reboot with 256M plugged"
-    lab.start("vmemdev", requested=256 * MiB, reboot=True, scenario=sc)
+    lab.start(kind, requested=256 * MiB, reboot=True, scenario=sc)
     lab.wait_target(256 * MiB, t0=lab.guest.t_start, where="boot with 256M requested")
     lab.check("mkdir -p /fill && mount -t tmpfs -o size=1G tmpfs /fill && "
               "dd if=/dev/zero of=/fill/x bs=1M count=300 2>/dev/null")
-    daemon = lab.device.daemon
     st0 = lab.check_step("before the reboot", 256 * MiB)
     assert st0["file_allocated"] > 64 * MiB, f"the guest did not use plugged memory: {st0}"
     lab.check_guest_clean("e: before the reboot")
-    stats0 = daemon.execute("query-stats")["requests"]
+    daemon = lab.device.daemon
+    stats0 = daemon.execute("query-stats")["requests"] if daemon else {}
     g = lab.guest
     t0 = time.monotonic()
     g.serial.send("RUN reboot0 reboot -f")
@@ -330,29 +352,39 @@ def test_e_reboot_with_memory_plugged(lab):
     except Exception as exc:  # noqa: BLE001
         lab.fail(f"the guest did not come back from reboot -f: {exc}")
     lab.boots += 1
-    record(sc, "reboot -f -> agent ready again", "vmemdev", time.monotonic() - t0)
+    record(sc, "reboot -f -> agent ready again", kind, time.monotonic() - t0)
     probe = lab.wait_probe()
-    assert "unplugging all memory is required" in probe, (
-        f"the new boot's driver did not see the memory plugged:\n{probe}")
+    unplug_all_logged = "unplugging all memory is required" in probe
     lab.wait_target(256 * MiB, t0=t0, where="after the reboot, requested 256M")
-    record(sc, "reboot -f -> 256M plugged again", "vmemdev", time.monotonic() - t0)
-    stats1 = daemon.execute("query-stats")["requests"]
-    ua0 = stats0.get("UNPLUG_ALL", {}).get("ACK", 0)
-    ua1 = stats1.get("UNPLUG_ALL", {}).get("ACK", 0)
-    assert ua1 == ua0 + 1, f"expected one UNPLUG_ALL at the new probe: before {stats0}, after {stats1}"
+    record(sc, "reboot -f -> 256M plugged again", kind, time.monotonic() - t0)
     st1 = lab.check_step("after the reboot", 256 * MiB)
     assert st1["file_allocated"] < st0["file_allocated"], (
-        f"UNPLUG_ALL did not give the old boot's memory back: {mib(st0['file_allocated'])} -> "
+        f"the old boot's memory was not given back: {mib(st0['file_allocated'])} -> "
         f"{mib(st1['file_allocated'])}")
-    status = daemon.status()
-    assert status["frontend"] == "attached", status
-    note(f"e: reboot: QEMU kept the vhost-user connection; new probe saw plugged 256M, "
-         f"UNPLUG_ALL ACKed, replugged 256M; region allocated {mib(st0['file_allocated'])} "
-         f"-> {mib(st1['file_allocated'])}; daemon log: "
-         + "; ".join(l.split(": ", 1)[-1] for l in daemon.log_text().splitlines()
-                     if "detached" in l or "connected" in l or "reset" in l.lower())[:400])
+    if kind == "vmemdev":
+        assert unplug_all_logged, f"the new boot's driver did not see the memory plugged:\n{probe}"
+        stats1 = daemon.execute("query-stats")["requests"]
+        ua0 = stats0.get("UNPLUG_ALL", {}).get("ACK", 0)
+        ua1 = stats1.get("UNPLUG_ALL", {}).get("ACK", 0)
+        assert ua1 == ua0 + 1, (f"expected one UNPLUG_ALL at the new probe: before {stats0}, "
+                                f"after {stats1}")
+        status = daemon.status()
+        assert status["frontend"] == "attached", status
+        log = daemon.log_text()
+        assert "front-end detached" not in log, "QEMU dropped the vhost-user connection at reboot"
+        note(f"e/vmemdev: reboot -f: QEMU kept the vhost-user connection (ring stopped and "
+             f"restarted); plugged 256M kept over the reset; the new driver logged 'unplugging "
+             f"all memory is required', UNPLUG_ALL ACKed, replugged 256M; region allocated "
+             f"{mib(st0['file_allocated'])} -> {mib(st1['file_allocated'])}")
+    else:
+        note(f"e/qemu: reboot -f: QEMU's device unplugged everything at system reset (new probe "
+             f"saw plugged 0{', yet logged unplug-all' if unplug_all_logged else ''}); region "
+             f"allocated {mib(st0['file_allocated'])} -> {mib(st1['file_allocated'])}")
     lab.resize_and_wait(512 * MiB, scenario=sc, label="after reboot 256M->512M")
     lab.check_step("512M after the reboot", 512 * MiB)
+    compare_with_other(sc, kind, {"plugged_after": lab.device.sizes()[0],
+                                  "memtotal_delta_kb": lab.memtotal() - lab.base_kb},
+                       lambda v: json.dumps(v))
 
 
 # --------------------------------------------------------------------------
@@ -496,23 +528,22 @@ def memory_cgroup():
     if path is None:
         pytest.skip("needs a writable cgroup v1 memory controller (/sys/fs/cgroup/memory)")
     yield path
+    # (requested before `lab` by the test, so torn down after it: the daemon is gone)
     for _ in range(100):
         try:
             os.rmdir(path)
             break
-        except OSError:
+        except OSError as exc:
+            error = exc
             time.sleep(0.1)
+    else:
+        note(f"could not remove the test cgroup {path}: {error}")
 
 
 REFUSALS_ALLOWED_IN_3S = 10
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "vmemdev bug (see the e2e report): a plug refused for lack of cgroup headroom is "
-    "answered NACK while requested_size stays above plugged_size; Linux takes NACK as 'the "
-    "config changed, retry at once' and re-sends the PLUG in a tight loop (~3000/s under TCG), "
-    "each NACK logged. BUSY (Linux backs off 50 s..5 min) or lowering requested_size fixes it."))
-def test_g_cgroup_refusal(lab, memory_cgroup):
+def test_g_cgroup_refusal(memory_cgroup, lab):
     """`serve --cgroup CG --prealloc` with the daemon in a 384 MiB cgroup:
     plugs charge the cgroup, so of a 1G request two 128 MiB blocks fit and the
     third does not. The refusal must not break the driver (no "marking
@@ -543,11 +574,11 @@ def test_g_cgroup_refusal(lab, memory_cgroup):
     stats = daemon.execute("query-stats")
     n1 = sum(v for k, v in stats["requests"]["PLUG"].items() if k != "ACK")
     note(f"g': cgroup 384M: plugged {mib(daemon.status()['plugged_size'])} of 1G; refused PLUGs in "
-         f"3 s: {n1 - n0} ({stats['requests']['PLUG']}, reasons {stats['nacks_by_reason']})")
+         f"3 s: {n1 - n0} ({stats['requests']['PLUG']}, reasons {stats['busy_by_reason']})")
     lab.check_guest_clean("g': after the refusals")
     assert n1 - n0 <= REFUSALS_ALLOWED_IN_3S, (
         f"the guest re-sent {n1 - n0} refused PLUGs in 3 s: it spins on the refusal "
-        f"({stats['requests']['PLUG']}, reasons {stats['nacks_by_reason']})")
+        f"({stats['requests']['PLUG']}, reasons {stats['busy_by_reason']})")
     # room again: the operator's next resize lets the guest continue
     with open(os.path.join(memory_cgroup, "memory.limit_in_bytes"), "w") as f:
         f.write(str(2 * GiB))
