@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -189,8 +190,8 @@ class Daemon:
     extra: tuple[str, ...] = ()
     block_size: int = BLOCK
     region_addr: int = 0x1_0000_0000
-    # How to start the daemon; experiments point this at a patched copy's interpreter.
-    command: tuple[str, ...] = (sys.executable, "-m", "vmemdev")
+    # How to start the daemon; VMEMDEV_BENCH_DAEMON points it at a patched copy.
+    command: tuple[str, ...] = field(default_factory=lambda: daemon_command())
     startup_s: float = field(init=False, default=float("nan"))
 
     def __post_init__(self):
@@ -246,6 +247,12 @@ class Daemon:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def daemon_command() -> tuple[str, ...]:
+    """`python -m vmemdev`, or $VMEMDEV_BENCH_DAEMON (e.g. "/tmp/copy/.venv/bin/python -P -m vmemdev")."""
+    env = os.environ.get("VMEMDEV_BENCH_DAEMON")
+    return tuple(shlex.split(env)) if env else (sys.executable, "-m", "vmemdev")
 
 
 def wait_control_ready(path: str, process: subprocess.Popen, t0: float, timeout: float = 30.0) -> float:

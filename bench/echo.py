@@ -1,14 +1,15 @@
 """The far side of the ping-pong baselines, run as its own process.
 
     python -m bench.echo c-eventfd HELPER_SO IN_FD OUT_FD     blocking read/write loop in C
-    python -m bench.echo trio-eventfd IN_FD OUT_FD            Trio wait_readable, as the daemon's kick watcher
+    python -m bench.echo py-eventfd IN_FD OUT_FD              the same in plain Python (blocking os.read)
+    python -m bench.echo trio-eventfd IN_FD OUT_FD            one Trio task: wait_readable, read, write
+    python -m bench.echo trio2-eventfd IN_FD OUT_FD           the daemon's shape: a watcher task wakes a worker task
     python -m bench.echo c-socket HELPER_SO FD SIZE           recv SIZE bytes / send them back, in C
+    python -m bench.echo py-socket FD SIZE                    the same in plain Python (blocking socket)
     python -m bench.echo trio-socket FD SIZE                  the same with a Trio socket, as the daemon's reader
 
-The Trio variants take the same path through the event loop as the daemon
-(wait_readable on a nonblocking eventfd, wake a task, write the other
-eventfd; recv on a Trio socket, send), with no device work: the floor a
-Python + Trio daemon can reach.
+No device work anywhere: these are the floors for a C process, a Python
+process, and a Python + Trio process (the daemon's runtime).
 """
 
 from __future__ import annotations
@@ -29,7 +30,41 @@ def c_socket(helper: str, fd: int, size: int) -> None:
     lib.bh_socket_echo(fd, size)
 
 
+def py_eventfd(in_fd: int, out_fd: int) -> None:
+    os.set_blocking(in_fd, True)
+    while True:
+        os.eventfd_read(in_fd)
+        os.eventfd_write(out_fd, 1)
+
+
+def py_socket(fd: int, size: int) -> None:
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    while True:
+        data = b""
+        while len(data) < size:
+            chunk = sock.recv(size - len(data))
+            if not chunk:
+                return
+            data += chunk
+        sock.sendall(data)
+
+
 def trio_eventfd(in_fd: int, out_fd: int) -> None:
+    import trio
+
+    os.set_blocking(in_fd, False)
+
+    async def main():
+        while True:
+            await trio.lowlevel.wait_readable(in_fd)
+            os.eventfd_read(in_fd)
+            os.eventfd_write(out_fd, 1)
+
+    trio.run(main)
+
+
+def trio2_eventfd(in_fd: int, out_fd: int) -> None:
     import trio
 
     os.set_blocking(in_fd, False)
@@ -80,8 +115,14 @@ def main(argv: list[str]) -> int:
     kind, *args = argv
     if kind == "c-eventfd":
         c_eventfd(args[0], int(args[1]), int(args[2]))
+    elif kind == "py-eventfd":
+        py_eventfd(int(args[0]), int(args[1]))
     elif kind == "trio-eventfd":
         trio_eventfd(int(args[0]), int(args[1]))
+    elif kind == "trio2-eventfd":
+        trio2_eventfd(int(args[0]), int(args[1]))
+    elif kind == "py-socket":
+        py_socket(int(args[0]), int(args[1]))
     elif kind == "c-socket":
         c_socket(args[0], int(args[1]), int(args[2]))
     elif kind == "trio-socket":

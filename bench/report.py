@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from .common import MiB, pct
+from .common import MiB
 
 
 def _f(x, digits=2) -> str:
@@ -45,6 +45,7 @@ def markdown(result: dict) -> str:
          f"- host: {m['host']['kernel']}, {m['host']['cpus']} CPUs, {m['host']['mem_total'] / 2**30:.1f} GiB RAM "
          f"({m['host']['mem_available'] / 2**30:.1f} available at start), swap {m['host']['swap_total'] // MiB} MiB, "
          f"Python {m['host']['python']}",
+         f"- daemon: `{m.get('daemon')}` (a separate process; front-end and baselines in the bench process)",
          f"- load before: `{m['uptime_before']}`",
          f"- load after:  `{m['uptime_after']}`",
          "- method: every subject runs in the same process session as its baseline, interleaved "
@@ -68,11 +69,11 @@ def markdown(result: dict) -> str:
               "vmemdev time: from publishing the first request to reading the last used element.", "",
               _table(["size", "requests", "vmemdev GiB/s", "raw punch GiB/s", "ratio (median of pairs)",
                       "per-request p50 ms", "reps"],
-                     [[f"{s['size'] >> 30} GiB", s["requests"], s["vmemdev_gib_s_median"], s["raw_gib_s_median"],
+                     [[f"{s['size'] / 2**30:g} GiB", s["requests"], s["vmemdev_gib_s_median"], s["raw_gib_s_median"],
                        s["ratio_median"], s["per_request"]["p50_us"] / 1000, s["reps"]] for s in u["sizes"]]), ""]
         c = u.get("curve")
         if c:
-            L += [f"Request size vs throughput ({c['size'] >> 30} GiB, raw = C punch in calls of the same size):", "",
+            L += [f"Request size vs throughput ({c['size'] / 2**30:g} GiB, raw = C punch in calls of the same size):", "",
                   _table(["blocks / request", "request", "vmemdev GiB/s", "raw GiB/s", "ratio (median of pairs)"],
                          [[r["blocks_per_request"], f"{r['request_bytes'] // MiB} MiB", r["vmemdev_gib_s"],
                            r["raw_gib_s"], r["ratio"]] for r in c["rows"]]), ""]
@@ -80,7 +81,7 @@ def markdown(result: dict) -> str:
                 L += [f"![unplug throughput vs request size]({result['plots']['unplug_curve']})", ""]
     if "prealloc" in b:
         p = b["prealloc"]
-        L += ["## 2. Preallocating plug (1 GiB in 8 requests of 64 blocks)", "",
+        L += [f"## 2. Preallocating plug ({p['size'] / 2**30:g} GiB in {p['requests']} requests of 64 blocks)", "",
               f"Baseline: {p['baseline']}.", "",
               _table(["method", "GiB/s", "vmemdev / method"],
                      [[k, v, p["gib_s"]["vmemdev --prealloc"] / v] for k, v in p["gib_s"].items()]),
@@ -88,16 +89,21 @@ def markdown(result: dict) -> str:
                   f"**{_f(p['ratio_median'])}**.", ""]
     if "roundtrip" in b:
         r = b["roundtrip"]
-        s = r["summary"]
+        summ = r["summary"]
+        pls = list(summ)
+        kinds = list(next(iter(summ.values())))
         L += ["## 3–4. Round trips (daemon in its own process, front-end in the bench process)", "",
-              f"{r['rounds']} rounds × {r['per_round']} of each, rotating order; same waiting code on the "
-              "measuring side for all rows (poll on the call eventfd / socket, nonblocking read). "
+              f"{r['rounds']} rounds × {r['per_round']} of each kind in each placement "
+              f"(n = {r['rounds'] * r['per_round']} per cell), rotating order; the same waiting code on the "
+              "measuring side for every row (poll on the call eventfd / socket, then a nonblocking read). "
               "Ring requests: publish → kick → used → call. The eventfd ping-pongs and socket echoes run "
-              "between this process and a separate echo process (C: blocking read/write; Trio: the daemon's "
-              "wait_readable → Event → write path). GET_CONFIG and the echoes move 80 bytes each way "
-              "(12-byte header + 68-byte payload).", "",
-              _table(["request", "n", "p50 µs", "p90 µs", "p99 µs", "max µs"],
-                     [[k, v["n"], v["p50_us"], v["p90_us"], v["p99_us"], v["max_us"]] for k, v in s.items()]), ""]
+              "between this process and a separate echo process: C (blocking read/write), plain Python "
+              "(blocking), Trio with one task (wait_readable → read → write: the floor of the daemon's "
+              "runtime, **the baseline of the 2× target**), and Trio with the daemon's two-task shape (a "
+              "watcher task wakes a worker through an Event). GET_CONFIG and the socket echoes move 80 bytes "
+              "each way (12-byte header + 68-byte payload).", "", r.get("placement_note", ""), "",
+              _table(["request"] + [f"{pl} {q}" for pl in pls for q in ("p50 µs", "p99 µs")],
+                     [[k] + [summ[pl][k][q] for pl in pls for q in ("p50_us", "p99_us")] for k in kinds]), ""]
         lat = r.get("daemon_reported_latency_us")
         if lat:
             L += [f"The daemon's own view (`vmemdev ctl stats`, service time inside the daemon, last "
@@ -108,8 +114,8 @@ def markdown(result: dict) -> str:
         sc = b["scale"]
         L += ["## 5. Scale (sparse memfd regions)", "", sc["notes"] + ".", "",
               _table(["region", "start-up ms", "RSS MiB", "VmPTE KiB", "fds", "STATE(64) p50 µs",
-                      "UNPLUG_ALL empty p50 µs", "raw punch of empty region µs", "UNPLUG_ALL 1 GiB ms",
-                      "raw punch 1 GiB ms"],
+                      "UNPLUG_ALL empty p50 µs", "raw punch of empty region µs", "UNPLUG_ALL plugged ms",
+                      "raw punch plugged ms"],
                      [[row["name"], sc["startup_s"][row["name"]] * 1000, row["status_attached"]["VmRSS"] / MiB,
                        row["status_attached"].get("VmPTE", 0) / 1024, row["status_attached"]["fds"],
                        row["state_64_blocks"]["p50_us"], row["unplug_all_empty"]["p50_us"],
@@ -152,6 +158,7 @@ def _e2e_table(data) -> list[str]:
                     ratio = v / q if isinstance(v, (int, float)) and isinstance(q, (int, float)) and q else None
                     rows.append([scenario, metric, v, q, ratio])
         if rows:
+            rows = [[a, b, _f(v, 3), _f(q, 3), r] for a, b, v, q, r in rows]
             out = [_table(["scenario", "metric (s)", "vmemdev", "QEMU virtio-mem-pci", "ratio"], rows), ""]
             if data.get("notes"):
                 out += ["Notes: " + "; ".join(map(str, data["notes"]))
@@ -179,9 +186,10 @@ def plots(result: dict, samples: dict | None, out_dir: str, stem: str = "latest"
         ax.plot(x, [r["raw_gib_s"] for r in curve["rows"]], "o-", label="raw punch from C (same call sizes)")
         ax.plot(x, [r["vmemdev_gib_s"] for r in curve["rows"]], "s-", label="vmemdev UNPLUG through the vring")
         ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("request size (MiB); the Linux driver sends 128 MiB")
         ax.set_ylabel("GiB/s (populated memfd)")
-        ax.set_title(f"Unplug throughput vs request size ({curve['size'] >> 30} GiB)")
+        ax.set_title(f"Unplug throughput vs request size ({curve['size'] / 2**30:g} GiB)")
         ax.grid(True, alpha=0.3)
         ax.legend()
         name = f"{stem}-unplug-curve.png"
@@ -190,23 +198,32 @@ def plots(result: dict, samples: dict | None, out_dir: str, stem: str = "latest"
         plt.close(fig)
         made["unplug_curve"] = name
     if samples:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for k, v in samples.items():
-            if not v:
-                continue
-            us = sorted(x / 1000 for x in v)
-            ys = [(i + 1) / len(us) for i in range(len(us))]
-            baseline = "ping-pong" in k or "echo" in k
-            ax.plot(us, ys, "--" if baseline else "-", label=f"{k} (p50 {pct(us, 50):.0f} µs)")
-        ax.set_xscale("log")
-        ax.set_xlabel("round trip (µs)")
-        ax.set_ylabel("fraction of requests")
-        ax.set_title("Round-trip latency CDF: vmemdev (solid) vs ping-pong/echo baselines (dashed)")
-        ax.grid(True, alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="lower right")
+        groups: dict[str, dict[str, list[int]]] = {}
+        for key, v in samples.items():
+            kind, _, place = key.rpartition(" [")
+            groups.setdefault(place.rstrip("]"), {})[kind] = v
+        kinds_all = list(dict.fromkeys(k for g in groups.values() for k in g))
+        colors = {k: plt.get_cmap("tab20")(i % 20) for i, k in enumerate(kinds_all)}
+        fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 5.8), sharey=True, squeeze=False)
+        for ax, (place, kinds) in zip(axes[0], groups.items()):
+            for k, v in kinds.items():
+                if not v:
+                    continue
+                us = sorted(x / 1000 for x in v)
+                ys = [(i + 1) / len(us) for i in range(len(us))]
+                baseline = "ping-pong" in k or "echo" in k
+                ax.plot(us, ys, "--" if baseline else "-", color=colors[k], label=k)
+            ax.set_xscale("log")
+            ax.set_xlabel("round trip (µs)")
+            ax.set_title(f"{place} (p50 per kind in latest.md)")
+            ax.grid(True, alpha=0.3, which="both")
+        axes[0][0].set_ylabel("fraction of requests")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+        fig.suptitle("Round-trip latency CDF: vmemdev (solid) vs ping-pong / echo baselines (dashed)")
+        fig.tight_layout(rect=(0, 0.14, 1, 1))
         name = f"{stem}-latency-cdf.png"
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, name), dpi=110)
+        fig.savefig(os.path.join(out_dir, name), dpi=100)
         plt.close(fig)
         made["latency_cdf"] = name
     return made
