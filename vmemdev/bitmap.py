@@ -16,6 +16,7 @@ class BlockBitmap:
         self.nblocks = nblocks
         self._bits = bytearray((nblocks + 7) // 8)
         self.count = 0  # number of set bits
+        self._dirty_end = 0  # bytes from here on have never been set since the last clear_all
 
     def _check(self, start: int, n: int) -> None:
         if start < 0 or n < 0 or start + n > self.nblocks:
@@ -46,6 +47,8 @@ class BlockBitmap:
         before = (word & mask).bit_count()
         word = word | mask if value else word & ~mask
         self._bits[first:last] = word.to_bytes(last - first, "little")
+        if value and last > self._dirty_end:
+            self._dirty_end = last
         self.count += (n - before) if value else -before
 
     def set_range(self, start: int, n: int) -> None:
@@ -55,7 +58,11 @@ class BlockBitmap:
         self._write(start, n, False)
 
     def clear_all(self) -> None:
-        self._bits = bytearray(len(self._bits))
+        """Costs the bytes ever set since the last clear, not the region."""
+        if self.count:
+            end = self._dirty_end
+            self._bits[:end] = bytes(end)
+        self._dirty_end = 0
         self.count = 0
 
     def test(self, index: int) -> bool:
