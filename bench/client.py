@@ -10,6 +10,7 @@ The ping-pong baselines use exactly the same waiting code on this side.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import select
@@ -88,14 +89,24 @@ class RingClient:
         return ns
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """No collection pauses inside a timed loop."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def eventfd_pingpong(kick_fd: int, call_fd: int, n: int) -> list[int]:
     """The same waiting code as RingClient.request, against an echo process."""
     p = select.poll()
     p.register(call_fd, select.POLLIN)
     out = []
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         for _ in range(n):
             t0 = perf_ns()
             os.eventfd_write(kick_fd, 1)
@@ -107,9 +118,6 @@ def eventfd_pingpong(kick_fd: int, call_fd: int, n: int) -> list[int]:
                 except BlockingIOError:
                     pass
             out.append(perf_ns() - t0)
-    finally:
-        if gc_was:
-            gc.enable()
     return out
 
 
@@ -119,9 +127,7 @@ def socket_roundtrips(sock: socket.socket, message: bytes, reply_size: int, n: i
     p = select.poll()
     p.register(sock.fileno(), select.POLLIN)
     out = []
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         for _ in range(n):
             t0 = perf_ns()
             sock.send(message)
@@ -138,9 +144,6 @@ def socket_roundtrips(sock: socket.socket, message: bytes, reply_size: int, n: i
             out.append(perf_ns() - t0)
             if check is not None:
                 check(got)
-    finally:
-        if gc_was:
-            gc.enable()
     return out
 
 
