@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from vmemdev import native
+from vmemdev.host import native
 
 from . import client as C
 from .common import (BLOCK, BenchError, Daemon, GiB, Helper, MiB, TiB, lat_summary, mem_available, median,
@@ -495,13 +495,13 @@ def scale(run: Run) -> dict:
     reps_full = 1 if run.quick else 3
     h = run.helper
     # Start-up: interleaved over sizes, plus the interpreter's own start as the anchor.
-    startup: dict[str, list[float]] = {"python -c pass": [], "python -c 'import vmemdev.cli, vmemdev.server'": []}
+    startup: dict[str, list[float]] = {"python -c pass": [], "python -c 'import vmemdev.cli.main, vmemdev.daemon.vhost_server'": []}
     for s in sizes:
         startup[_name(s)] = []
     for _ in range(starts):
         for cmd, key in ((["-c", "pass"], "python -c pass"),
-                         (["-c", "import vmemdev.cli, vmemdev.server, vmemdev.control_server"],
-                          "python -c 'import vmemdev.cli, vmemdev.server'")):
+                         (["-c", "import vmemdev.cli.main, vmemdev.daemon.vhost_server, vmemdev.daemon.control_server"],
+                          "python -c 'import vmemdev.cli.main, vmemdev.daemon.vhost_server'")):
             t0 = time.perf_counter()
             subprocess.run([sys.executable, *cmd], check=True)
             startup[key].append(time.perf_counter() - t0)

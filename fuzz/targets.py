@@ -12,16 +12,16 @@ import mmap
 import os
 import struct
 
-from vmemdev.backend import read_request, write_response
-from vmemdev.control import execute
-from vmemdev.device import Answer, Geometry, VirtioMemDevice
+from vmemdev.daemon.backend import read_request, write_response
+from vmemdev.daemon.commands import execute
+from vmemdev.virtio_mem.model import Answer, Geometry, VirtioMemDevice
 from vmemdev.errors import ConfigError, PeerProtocolError
-from vmemdev.memory import GuestMemory
+from vmemdev.host.memory import GuestMemory
 from vmemdev.protocol import control as control_proto
 from vmemdev.protocol import vhost_user as vu
 from vmemdev.protocol.virtio_mem import REQUEST, MemRequest, RequestType
 from vmemdev.protocol.virtqueue import ChainError, RingBroken, SplitQueue
-from vmemdev.service import DeviceService
+from vmemdev.daemon.service import DeviceService
 from vmemdev.sizes import parse_size
 
 # --- 1. vhost-user messages ------------------------------------------------------

@@ -1,4 +1,4 @@
-"""cffi build script for vmemdev._native (out-of-line API mode).
+"""cffi build script for vmemdev.host._native (out-of-line API mode).
 
 setup.py names it in ``cffi_modules``; build with ``pip install -e .`` (again
 after changing the C code). No ``ffi.callback`` anywhere: it needs W+X
@@ -23,7 +23,7 @@ def _cdef_from_header() -> str:
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_from_header())
 ffibuilder.set_source(
-    "vmemdev._native",
+    "vmemdev.host._native",
     '#include "vmemshim.h"',
     # Relative to setup.py's directory, the cwd of every setuptools build
     # (editable, wheel, sdist); setuptools rejects absolute source paths.

@@ -8,10 +8,10 @@ import logging
 import pytest
 import trio
 
-from vmemdev.control_server import ControlServer
-from vmemdev.device import Geometry
-from vmemdev.server import serve
-from vmemdev.service import DeviceService
+from vmemdev.daemon.control_server import ControlServer
+from vmemdev.virtio_mem.model import Geometry
+from vmemdev.daemon.vhost_server import serve
+from vmemdev.daemon.service import DeviceService
 from vmemdev.testing.frontend import Frontend
 
 MiB = 1 << 20

@@ -13,7 +13,7 @@ import struct
 import pytest
 import trio
 
-from vmemdev import native
+from vmemdev.host import native
 from vmemdev.errors import ConfigError
 from vmemdev.protocol import vhost_user as vu
 from vmemdev.protocol.virtio_mem import (

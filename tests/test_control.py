@@ -13,7 +13,7 @@ import tempfile
 import pytest
 import trio
 
-from vmemdev import native
+from vmemdev.host import native
 from vmemdev.client import AsyncClient, ControlError
 from vmemdev.protocol.virtio_mem import ResponseType
 from vmemdev.testing.guest import SimulatedLinuxGuest
@@ -258,7 +258,7 @@ async def test_hostile_clients_do_not_hurt_the_device_or_others(nursery, tmp_pat
 
 async def test_too_many_clients_are_refused(nursery, tmp_path, caplog):
     service, path = await start_daemon(nursery, tmp_path)
-    from vmemdev.control_server import ControlServer
+    from vmemdev.daemon.control_server import ControlServer
 
     server = ControlServer(service, str(tmp_path / "small.ctl"), max_clients=2)
     await nursery.start(server.run)
@@ -285,7 +285,7 @@ def _client_as(uid: int, gid: int, ctl: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to test other users")
 async def test_peers_are_checked_with_so_peercred(nursery, tmp_path, caplog):
     service, path = await start_daemon(nursery, tmp_path)
-    from vmemdev.control_server import ControlServer
+    from vmemdev.daemon.control_server import ControlServer
 
     shared = tempfile.mkdtemp(prefix="vmemdev-peercred-")
     os.chmod(shared, 0o755)  # other users must be able to reach the socket file

@@ -12,7 +12,7 @@ import uuid
 import pytest
 import trio
 
-from vmemdev.limits import Cgroup
+from vmemdev.host.cgroup import Cgroup
 from vmemdev.protocol.virtio_mem import ResponseType
 from vmemdev.testing.frontend import Frontend
 from vmemdev.testing.guest import SimulatedLinuxGuest

@@ -9,8 +9,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from vmemdev.bitmap import BlockBitmap
-from vmemdev.device import Answer, Geometry, Plug, Unplug, UnplugAll, VirtioMemDevice
+from vmemdev.virtio_mem.bitmap import BlockBitmap
+from vmemdev.virtio_mem.model import Answer, Geometry, Plug, Unplug, UnplugAll, VirtioMemDevice
 from vmemdev.errors import ConfigError
 from vmemdev.protocol.virtio_mem import BlockState, MemRequest, RequestType, ResponseType
 

@@ -8,7 +8,7 @@ import signal
 import pytest
 import trio
 
-from vmemdev import native
+from vmemdev.host import native
 from vmemdev.protocol.virtio_mem import MemRequest, MemResponse, RequestType, ResponseType
 from vmemdev.protocol.virtqueue import DESC_F_NEXT, DESC_F_WRITE
 from vmemdev.errors import NativeError

@@ -66,11 +66,11 @@ import os  # noqa: E402
 
 import trio  # noqa: E402
 
-from vmemdev.backend import BackendSession  # noqa: E402
-from vmemdev.device import Geometry  # noqa: E402
+from vmemdev.daemon.backend import BackendSession  # noqa: E402
+from vmemdev.virtio_mem.model import Geometry  # noqa: E402
 from vmemdev.protocol import vhost_user as vu  # noqa: E402
-from vmemdev.server import ConnectionClosed, FrontendConnection  # noqa: E402
-from vmemdev.service import DeviceService  # noqa: E402
+from vmemdev.daemon.vhost_server import ConnectionClosed, FrontendConnection  # noqa: E402
+from vmemdev.daemon.service import DeviceService  # noqa: E402
 
 _KNOWN = [int(r) for r in vu.Request]
 message = st.tuples(

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from vmemdev import native
+from vmemdev.host import native
 from vmemdev.errors import NativeError
 
 PAGE = mmap.PAGESIZE

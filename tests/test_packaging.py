@@ -54,8 +54,8 @@ def test_installs_into_a_fresh_venv_and_the_daemon_starts(dists, tmp_path, kind)
     assert '"virtio-id": 24' in caps.stdout
     # The shim is compiled and importable from the installed package (not this tree).
     run(env_dir / "bin" / "python", "-c",
-        "import vmemdev.native, vmemdev._native, sys; "
-        "assert 'site-packages' in vmemdev._native.__file__, vmemdev._native.__file__",
+        "import vmemdev.host.native, vmemdev.host._native, sys; "
+        "assert 'site-packages' in vmemdev.host._native.__file__, vmemdev.host._native.__file__",
         cwd=tmp_path)
     sock = tmp_path / "vm0.sock"
     proc = subprocess.Popen([vmemdev, "serve", "--socket-path", sock], stderr=subprocess.PIPE, text=True,

@@ -10,9 +10,9 @@ import threading
 
 import trio
 
-from vmemdev.device import Geometry
-from vmemdev.server import serve
-from vmemdev.service import DeviceService
+from vmemdev.virtio_mem.model import Geometry
+from vmemdev.daemon.vhost_server import serve
+from vmemdev.daemon.service import DeviceService
 from vmemdev.testing.frontend import Frontend
 
 

@@ -69,10 +69,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "e2e" / "guest"))
 import smoke  # noqa: E402  (tests/e2e/guest/smoke.py)
 
-from vmemdev.device import Geometry  # noqa: E402
+from vmemdev.virtio_mem.model import Geometry  # noqa: E402
 from vmemdev.protocol import vhost_user as vu  # noqa: E402
-from vmemdev.server import serve  # noqa: E402
-from vmemdev.service import DeviceService  # noqa: E402
+from vmemdev.daemon.vhost_server import serve  # noqa: E402
+from vmemdev.daemon.service import DeviceService  # noqa: E402
 
 MiB = 1 << 20
 REGION_ADDR = 0x1_0000_0000

@@ -8,7 +8,7 @@ with up to 8 file descriptors attached as SCM_RIGHTS. This module turns
 (header, payload, fds) into a typed, frozen ``Message`` with its payload
 validated exactly (size, fd count), and builds replies. It knows nothing
 about sockets or session state: feature gating and ring-index checks need
-the session and live in ``vmemdev.backend``.
+the session and live in ``vmemdev.daemon.backend``.
 
 construct gives the readable definitions; the 12-byte header is on the hot
 path (every GET_CONFIG a vCPU waits for) and uses a precompiled struct.Struct.

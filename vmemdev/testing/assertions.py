@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-from ..limits import Cgroup
+from ..host.cgroup import Cgroup
 
 
 def assert_allocated_at_most_plugged(lab, slack: int | None = None) -> None:

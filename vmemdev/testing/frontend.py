@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .. import native
+from ..host import native
 from ..protocol import vhost_user as vu
 from ..protocol import virtio_mem as vm
 from ..protocol.vhost_user import MemoryRegion, ProtocolFeature, Request

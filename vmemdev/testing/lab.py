@@ -23,7 +23,7 @@ import time
 
 import trio
 
-from .. import native
+from ..host import native
 from ..client import Client
 from ..sizes import parse_size
 from .frontend import Frontend

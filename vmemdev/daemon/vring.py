@@ -12,10 +12,10 @@ import os
 
 import trio
 
-from .errors import GuestMemoryError, PeerProtocolError
-from .memory import GuestMemory
-from .protocol.vhost_user import VringAddr
-from .protocol.virtqueue import SplitQueue, avail_ring_size, desc_table_size, used_ring_size
+from ..errors import GuestMemoryError, PeerProtocolError
+from ..host.memory import GuestMemory
+from ..protocol.vhost_user import VringAddr
+from ..protocol.virtqueue import SplitQueue, avail_ring_size, desc_table_size, used_ring_size
 
 log = logging.getLogger(__name__)
 

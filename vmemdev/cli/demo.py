@@ -16,13 +16,13 @@ import tempfile
 
 import trio
 
-from .client import AsyncClient
-from .control_server import ControlServer
-from .server import serve
-from .service import DeviceService
-from .sizes import format_size
-from .testing.frontend import Frontend
-from .testing.guest import SimulatedLinuxGuest
+from ..client import AsyncClient
+from ..daemon.control_server import ControlServer
+from ..daemon.vhost_server import serve
+from ..daemon.service import DeviceService
+from ..sizes import format_size
+from ..testing.frontend import Frontend
+from ..testing.guest import SimulatedLinuxGuest
 
 STEP_TIMEOUT = 60
 

@@ -15,14 +15,16 @@ import os
 
 import trio
 
-from .errors import PeerProtocolError
-from .memory import MAX_MEM_SLOTS, GuestMemory
-from .protocol import vhost_user as vu
-from .protocol import virtio_mem as vm
-from .protocol.vhost_user import Message, ProtocolFeature, Request
-from .protocol.virtqueue import Chain, ChainError, RingBroken, valid_queue_size
+from ..errors import PeerProtocolError
+from ..host.memory import MAX_MEM_SLOTS
+from ..host.memory import GuestMemory
+from ..protocol import vhost_user as vu
+from ..protocol import virtio_mem as vm
+from ..protocol.vhost_user import Message, ProtocolFeature, Request
+from ..protocol.virtqueue import Chain, ChainError, RingBroken, valid_queue_size
 from .service import DeviceService
-from .vring import Vring, close_fd
+from .vring import Vring
+from .vring import close_fd
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,14 @@ import trio
 
 from . import systemd
 from .backend import BackendSession
-from .control_server import ControlServer, describe
-from .errors import PeerProtocolError, VmemdevError
-from .protocol import vhost_user as vu
+from .control_server import ControlServer
+from .control_server import describe
+from ..errors import PeerProtocolError, VmemdevError
+from ..protocol import vhost_user as vu
 from .service import DeviceService
-from .sockets import accept, bind_unix_listener
-from .sizes import format_size
+from .sockets import accept
+from .sockets import bind_unix_listener
+from ..sizes import format_size
 from .trace import Tracer
 
 log = logging.getLogger(__name__)

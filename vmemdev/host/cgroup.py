@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 V1_UNLIMITED = 1 << 62  # v1 reports "no limit" as a value near 2^63
 

@@ -19,8 +19,8 @@ import stat
 from dataclasses import dataclass
 
 from . import native
-from .errors import GuestMemoryError, PeerProtocolError
-from .protocol.vhost_user import MemoryRegion
+from ..errors import GuestMemoryError, PeerProtocolError
+from ..protocol.vhost_user import MemoryRegion
 
 log = logging.getLogger(__name__)
 

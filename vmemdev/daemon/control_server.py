@@ -20,11 +20,13 @@ import struct
 
 import trio
 
-from . import __version__, control
-from .errors import VmemdevError
-from .protocol import control as proto
+from .. import __version__
+from . import commands as control
+from ..errors import VmemdevError
+from ..protocol import control as proto
 from .service import DeviceService
-from .sockets import accept, bind_unix_listener
+from .sockets import accept
+from .sockets import bind_unix_listener
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import stat
 
 import trio
 
-from .errors import VmemdevError
+from ..errors import VmemdevError
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,13 @@ import sys
 
 import trio
 
-from . import __version__, systemd
-from .backend import OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES
-from .device import Geometry
-from .errors import ConfigError, VmemdevError
-from .sizes import parse_size
+from .. import __version__
+from ..daemon import systemd
+from ..daemon.backend import OFFERED_FEATURES
+from ..daemon.backend import OFFERED_PROTOCOL_FEATURES
+from ..virtio_mem.model import Geometry
+from ..errors import ConfigError, VmemdevError
+from ..sizes import parse_size
 
 DEFAULT_REGION_ADDR = 0x1_0000_0000
 DEFAULT_REGION_SIZE = "1G"
@@ -204,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     systemd.setup_logging(args.log_level or ("info" if args.command == "serve" else "warning"),
                           instance_name(args), args.log_format)
     geometry = _geometry(parser, args)
-    from .limits import Cgroup
-    from .service import DeviceService, Limits
+    from ..host.cgroup import Cgroup
+    from ..daemon.service import DeviceService
+    from ..daemon.service import Limits
 
     try:
         limits = Limits()
@@ -228,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             args.fd = activated.get("vhost-user", next(iter(activated.values())))
         if args.fd is not None and args.fd < 0:
             parser.error("--fd must be a non-negative file descriptor")
-        from .control_server import ControlServer
-        from .server import serve
+        from ..daemon.control_server import ControlServer
+        from ..daemon.vhost_server import serve
 
         try:
             control_path = default_control_socket(args)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from . import __version__
-from .errors import ConfigError
-from .protocol.control import COMMANDS, PROTOCOL_VERSION, Command, CommandError
+from .. import __version__
+from ..errors import ConfigError
+from ..protocol.control import COMMANDS, PROTOCOL_VERSION, Command, CommandError
 from .service import DeviceService
 
 

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 
 from . import native
-from .device import VirtioMemDevice
+from ..virtio_mem.model import VirtioMemDevice
 from .memory import Backing
 
 LINUX_MEMORY_BLOCK = 128 << 20

@@ -9,7 +9,7 @@ Why it exists:
 - One place converts the shim's -errno into :class:`NativeError` carrying the
   range, and checks arguments before they reach the kernel (``ValueError``
   for negative values, overflow, or a misaligned address).
-- It is the only importer of ``vmemdev._native``: no cffi object or exception
+- It is the only importer of ``vmemdev.host._native``: no cffi object or exception
   leaks into the rest of the package.
 - Tests can make any discard/populate fail on demand (:func:`inject_fault`).
 
@@ -29,8 +29,9 @@ from errno import E2BIG
 
 import trio
 
-from ._native import ffi, lib
-from .errors import NativeError
+from ._native import ffi
+from ._native import lib
+from ..errors import NativeError
 
 __all__ = [
     "PAGE_SIZE",

@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .bitmap import BlockBitmap
-from .errors import ConfigError
-from .sizes import format_size as fs
-from .protocol.virtio_mem import (
+from ..errors import ConfigError
+from ..sizes import format_size as fs
+from ..protocol.virtio_mem import (
     BlockState,
     Config,
     MemRequest,

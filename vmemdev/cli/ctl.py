@@ -13,9 +13,9 @@ import os
 import sys
 import time
 
-from .client import Client, ControlError
-from .errors import VmemdevError
-from .sizes import format_size
+from ..client import Client, ControlError
+from ..errors import VmemdevError
+from ..sizes import format_size
 
 RUN_DIR = "/run/vmemdev"
 

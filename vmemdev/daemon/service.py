@@ -17,14 +17,23 @@ from typing import Callable
 
 import trio
 
-from . import accounting, native
-from .device import BUSY, NACK, Answer, Geometry, Plug, Unplug, UnplugAll, VirtioMemDevice
-from .errors import ConfigError, GuestMemoryError, NativeError
+from ..host import accounting
+from ..host import native
+from ..virtio_mem.model import BUSY
+from ..virtio_mem.model import NACK
+from ..virtio_mem.model import Answer
+from ..virtio_mem.model import Geometry
+from ..virtio_mem.model import Plug
+from ..virtio_mem.model import Unplug
+from ..virtio_mem.model import UnplugAll
+from ..virtio_mem.model import VirtioMemDevice
+from ..errors import ConfigError, GuestMemoryError, NativeError
 from .events import EventBus
-from .limits import Cgroup
-from .memory import Backing, GuestMemory
-from .protocol.virtio_mem import MemRequest, MemResponse, RequestType, ResponseType
-from .sizes import format_size
+from ..host.cgroup import Cgroup
+from ..host.memory import Backing
+from ..host.memory import GuestMemory
+from ..protocol.virtio_mem import MemRequest, MemResponse, RequestType, ResponseType
+from ..sizes import format_size
 
 log = logging.getLogger(__name__)
 
