@@ -12,17 +12,20 @@ import mmap
 import os
 import struct
 
-from vmemdev.daemon.backend import read_request, write_response
 from vmemdev.daemon.commands import execute
-from vmemdev.virtio_mem.model import Answer, Geometry, VirtioMemDevice
-from vmemdev.errors import ConfigError, PeerProtocolError
+from vmemdev.daemon.runtime import DeviceRuntime
+from vmemdev.errors import ConfigError, PeerError
+from vmemdev.host.fake import FakeHost, FakeMemory
 from vmemdev.host.memory import GuestMemory
 from vmemdev.protocol import control as control_proto
 from vmemdev.protocol import vhost_user as vu
 from vmemdev.protocol.virtio_mem import REQUEST, MemRequest, RequestType
-from vmemdev.protocol.virtqueue import ChainError, RingBroken, SplitQueue
-from vmemdev.daemon.service import DeviceService
+from vmemdev.protocol.virtqueue import SplitQueue
 from vmemdev.sizes import parse_size
+from vmemdev.vhost.engine import MAX_MEM_SLOTS, Engine
+from vmemdev.vhost.rings import RingState
+from vmemdev.virtio_mem.device import VirtioMem
+from vmemdev.virtio_mem.model import Answer, Geometry, VirtioMemModel
 
 # --- 1. vhost-user messages ------------------------------------------------------
 
@@ -33,14 +36,14 @@ def vhost_message(data: bytes) -> None:
         return
     try:
         request, flags, size = vu.parse_header(data[:12])
-    except PeerProtocolError:
+    except PeerError:
         return
     nfds = data[12] % 10
     payload = data[13 : 13 + size]
     fds = tuple(range(1000, 1000 + nfds))
     try:
         msg = vu.decode(request, flags, payload, fds)
-    except PeerProtocolError:
+    except PeerError:
         return
     assert msg.request == request and len(msg.fds) == nfds
 
@@ -57,7 +60,7 @@ class _Lab:
     """Two memfd regions mapped through the daemon's own GuestMemory."""
 
     def __init__(self):
-        self.memory = GuestMemory()
+        self.memory = GuestMemory(MAX_MEM_SLOTS)
         self.maps = []
         for gpa in (RING_GPA, HIGH_GPA):
             fd = os.memfd_create("fuzz-ram")
@@ -89,28 +92,25 @@ def virtqueue(data: bytes) -> None:
     ring[: desc_off + 16 * num + 4 + 2 * num] = (area + bytes(16 * num + 4 + 2 * num))[: 16 * num + 4 + 2 * num]
     mm = lab.memory.regions[0].mm
     queue = SplitQueue(num, (mm, desc_off), (mm, avail_off), (mm, used_off), last_avail)
-    device = VirtioMemDevice(Geometry(1 << 32, 1 << 30, 2 << 20), 256 << 20)
+    # The daemon's own path: the engine takes chains, the device answers (fake host).
+    g = Geometry(1 << 32, 1 << 30, 2 << 20)
+    device = VirtioMem(g, 256 << 20, host=FakeHost())
+    device.attach(FakeMemory([(g.addr, g.region_size)]))
+    engine = Engine(device, lab.memory)
+    ring = engine.rings[0]
+    ring.num, ring.queue, ring.state = num, queue, RingState.RUNNING
     for _ in range(num + 1):
-        try:
-            head = queue.pop_head()
-        except RingBroken:
+        request = engine.take(0, device.max_request)
+        if request is None:
             return
-        if head is None:
-            return
-        try:
-            chain = queue.read_chain(head, lab.memory.check_gpa)
-        except ChainError:
-            queue.push_used(head, 0)
-            continue
-        request = read_request(lab.memory, chain)
-        written = 0
-        if request is not None:
-            decision = device.decide(request)
-            response = decision.response if isinstance(decision, Answer) else device.commit(decision)
-            written = write_response(lab.memory, chain, response.pack())
-            assert written == 10
-        queue.push_used(head, written)
-        assert device.plugged_size == device.bitmap.count * device.block_size
+        response = b""
+        if request.chain is not None:
+            step = device.begin(request.data, request.writable)
+            response = step if isinstance(step, bytes) else device.finish(step, step.run(device.host))
+            assert len(response) in (0, 10)
+        engine.complete(request, response)
+        model = device.model
+        assert model.plugged_size == model.bitmap.count * model.block_size
 
 
 # --- 3. virtio-mem requests against the model --------------------------------------
@@ -120,7 +120,7 @@ _FUZZ_GEOMETRY = Geometry(1 << 32, 64 << 21, 2 << 20)  # 64 blocks
 
 def mem_requests(data: bytes) -> None:
     """A sequence of 24-byte requests (and resizes) against the model's invariants."""
-    device = VirtioMemDevice(_FUZZ_GEOMETRY, 0)
+    device = VirtioMemModel(_FUZZ_GEOMETRY, 0)
     for i in range(0, len(data) - REQUEST.size + 1, REQUEST.size):
         chunk = data[i : i + REQUEST.size]
         request = MemRequest.unpack(chunk)
@@ -147,23 +147,23 @@ def mem_requests(data: bytes) -> None:
 # --- 4. the control protocol ------------------------------------------------------
 
 
-_service: DeviceService | None = None
+_service: DeviceRuntime | None = None
 
 
 def control_line(data: bytes) -> None:
     """One request line from a control client, executed against a device."""
     global _service
     if _service is None:
-        _service = DeviceService(Geometry(1 << 32, 1 << 30, 2 << 20))
+        _service = DeviceRuntime(Geometry(1 << 32, 1 << 30, 2 << 20))
     try:
         command = control_proto.parse_command(data)
         execute(_service, command)
     except control_proto.CommandError:
         pass
     d = _service.device
-    assert d.requested_size <= d.geometry.region_size and d.requested_size % d.block_size == 0
-    if _service.limits.memory_max is not None:
-        assert d.requested_size <= _service.limits.memory_max
+    assert d.requested_size <= d.geometry.region_size and d.requested_size % d.geometry.block_size == 0
+    if _service.device.limits.memory_max is not None:
+        assert d.requested_size <= _service.device.limits.memory_max
 
 
 def sizes(data: bytes) -> None:

@@ -11,7 +11,7 @@ import trio
 from vmemdev.daemon.control_server import ControlServer
 from vmemdev.virtio_mem.model import Geometry
 from vmemdev.daemon.vhost_server import serve
-from vmemdev.daemon.service import DeviceService
+from vmemdev.daemon.runtime import DeviceRuntime
 from vmemdev.testing.frontend import Frontend
 
 MiB = 1 << 20
@@ -28,7 +28,7 @@ def _debug_logs(caplog):
 
 async def start_daemon(nursery, tmp_path, *, addr=A, size=R, block=B, requested=0, name="vm0",
                        control=False, control_group=None, **service_options):
-    service = DeviceService(Geometry(addr, size, block), requested, **service_options)
+    service = DeviceRuntime(Geometry(addr, size, block), requested, **service_options)
     path = str(tmp_path / f"{name}.sock")
     server = ControlServer(service, str(tmp_path / f"{name}.ctl"), control_group) if control else None
     await nursery.start(functools.partial(serve, service, socket_path=path, control=server))

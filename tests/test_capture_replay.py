@@ -103,7 +103,7 @@ async def test_replay_of_qemu_11_1_gets_answers_qemu_accepts(nursery, tmp_path, 
             else:
                 assert reply == expected.payload, Request(msg.request).name
         assert answers == sum(1 for c in CAPTURE if not c.frontend)
-        assert len(service.memory.regions) == 3
+        assert len(service.frontend.memory.regions) == 3
     finally:
         await fe.close()
         fds.close()

@@ -159,7 +159,7 @@ class DataSafety(RuleBasedStateMachine):
     @invariant()
     def nothing_is_lost(self):
         STATS["steps"] += 1
-        device = self.dev.service.device
+        device = self.dev.service.device.model
         assert device.plugged_size == device.bitmap.count * B == len(self.plugged) * B
         for start, length in native.data_extents(self.fe.ram.dimm_fd):
             for block in range(start // B, (start + length - 1) // B + 1):

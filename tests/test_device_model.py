@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from vmemdev.virtio_mem.bitmap import BlockBitmap
-from vmemdev.virtio_mem.model import Answer, Geometry, Plug, Unplug, UnplugAll, VirtioMemDevice
+from vmemdev.virtio_mem.model import Answer, Geometry, Plug, Unplug, UnplugAll, VirtioMemModel
 from vmemdev.errors import ConfigError
 from vmemdev.protocol.virtio_mem import BlockState, MemRequest, RequestType, ResponseType
 
@@ -19,11 +19,11 @@ B = 2 * MiB
 A = 4 * GiB
 
 
-def device(region=GiB, requested=0, block=B) -> VirtioMemDevice:
-    return VirtioMemDevice(Geometry(A, region, block), requested)
+def device(region=GiB, requested=0, block=B) -> VirtioMemModel:
+    return VirtioMemModel(Geometry(A, region, block), requested)
 
 
-def run(dev: VirtioMemDevice, type_, addr, nb):
+def run(dev: VirtioMemModel, type_, addr, nb):
     decision = dev.decide(MemRequest(type_, addr, nb))
     if isinstance(decision, Answer):
         return decision.response

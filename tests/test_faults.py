@@ -132,17 +132,17 @@ async def test_populate_failing_with_the_cgroup_limit_leaves_nothing(nursery, tm
     that was allocated is punched back."""
     service, path = await start_daemon(nursery, tmp_path, requested=256 * MiB, prealloc=True)
     fe = await attach(nursery, service, path)
-    real = native.fallocate_async
+    real = native.fallocate
 
-    async def half_then_enomem(fd, offset, length):
-        await real(fd, offset, length // 2)  # really allocate half, as the kernel would
+    def half_then_enomem(fd, offset, length):
+        real(fd, offset, length // 2)  # really allocate half, as the kernel would
         raise NativeError("fallocate", 12, offset, length)
 
-    native.fallocate_async = half_then_enomem
+    native.fallocate = half_then_enomem
     try:
         assert await fe.plug(A, 32) == ResponseType.BUSY
     finally:
-        native.fallocate_async = real
+        native.fallocate = real
     assert fe.dimm_allocated() == 0 and service.device.plugged_size == 0
     assert await fe.plug(A, 32) == ResponseType.ACK
     assert fe.dimm_allocated() == 32 * B

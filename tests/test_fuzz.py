@@ -66,11 +66,10 @@ import os  # noqa: E402
 
 import trio  # noqa: E402
 
-from vmemdev.daemon.backend import BackendSession  # noqa: E402
 from vmemdev.virtio_mem.model import Geometry  # noqa: E402
 from vmemdev.protocol import vhost_user as vu  # noqa: E402
-from vmemdev.daemon.vhost_server import ConnectionClosed, FrontendConnection  # noqa: E402
-from vmemdev.daemon.service import DeviceService  # noqa: E402
+from vmemdev.daemon.vhost_wire import ConnectionClosed  # noqa: E402
+from vmemdev.daemon.runtime import DeviceRuntime  # noqa: E402
 
 _KNOWN = [int(r) for r in vu.Request]
 message = st.tuples(
@@ -105,10 +104,10 @@ def test_random_message_sequences_never_escape_the_session(messages):
     baseline = len(os.listdir("/proc/self/fd"))
 
     async def main():
-        service = DeviceService(Geometry(1 << 32, 1 << 30, 2 << 20), 256 << 20)
+        service = DeviceRuntime(Geometry(1 << 32, 1 << 30, 2 << 20), 256 << 20)
         async with trio.open_nursery() as nursery:
-            conn = FrontendConnection(None, service)
-            conn.session = BackendSession(service, nursery)
+            conn = service.connect(None)
+            conn._nursery = nursery  # run() would set it: kick watchers start here
             try:
                 for request, flags, payload, kinds in messages:
                     fds = tuple(_make_fd(k) for k in kinds)
@@ -118,7 +117,7 @@ def test_random_message_sequences_never_escape_the_session(messages):
                         break
                     assert reply is None or isinstance(reply, bytes)
             finally:
-                conn.session.close()
+                conn.close()
                 nursery.cancel_scope.cancel()
 
     trio.run(main)

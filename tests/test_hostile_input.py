@@ -186,7 +186,7 @@ async def test_memory_regions_the_daemon_cannot_safely_map(daemon, caplog):
     missing = vu.MemoryRegion(64 * MiB, 2 * MiB, 0, 0)
     reply = await fe.call(Request.REM_MEM_REG, vu.encode_single_region(missing), need_reply=True)
     assert reply == vu.encode_u64(1)
-    assert len(service.memory.regions) == 1
+    assert len(service.frontend.memory.regions) == 1
     for fd in (small, efd, ok):
         os.close(fd)
     await fe.close()

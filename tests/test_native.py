@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
-import trio
-import trio.testing
 
 from vmemdev.host import native
 from vmemdev.errors import NativeError
+from vmemdev.host.interface import Backing
+from vmemdev.host.system import SystemHost
 
 PAGE = mmap.PAGESIZE
 B = 2 << 20  # virtio-mem block size; exact counts even if shmem uses THP
@@ -274,22 +274,14 @@ def test_inject_fault_each_op(fd, addr, op, call):
     assert (info.value.op, info.value.errno) == (op, errno.ENOMEM)
 
 
-async def test_async_variants(fd, mem, addr):
-    await native.fallocate_async(fd, 0, 2 * B)
-    await native.populate_write_async(addr + 4 * B, 2 * B)
+def test_system_host_populates_and_discards_pieces(fd):
+    host = SystemHost()
+    host.populate([Backing(fd, 0, 2 * B, 0, 0), Backing(fd, 4 * B, 2 * B, 0, 4 * B)])
     assert native.allocated_bytes(fd) == 4 * B
-    await native.punch_ranges_async(fd, [(0, B), (B, B), (5 * B, B)])
-    assert native.data_extents(fd) == [(4 * B, B)]
-    with native.inject_fault("populate", errno.EFAULT):
+    # Touching pieces of one fd go out as one punch; the rest stays.
+    host.discard([Backing(fd, 0, B, 0, 0), Backing(fd, B, B, 0, B), Backing(fd, 5 * B, B, 0, 5 * B)])
+    assert native.allocated_bytes(fd) == B
+    with native.inject_fault("punch", errno.EIO):
         with pytest.raises(NativeError) as info:
-            await native.populate_write_async(addr, B)
-    assert info.value.errno == errno.EFAULT
-
-
-async def test_async_call_is_not_abandoned_on_cancel(fd):
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(native.fallocate_async, fd, 0, SIZE)
-        await trio.testing.wait_all_tasks_blocked()  # it is in the worker thread
-        nursery.cancel_scope.cancel()
-    # The nursery only exits once the thread finished the whole syscall.
-    assert native.allocated_bytes(fd) == SIZE
+            host.discard([Backing(fd, 4 * B, B, 0, 4 * B)])
+    assert info.value.errno == errno.EIO and native.allocated_bytes(fd) == B

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmemdev.errors import PeerProtocolError
+from vmemdev.errors import PeerError
 from vmemdev.protocol import vhost_user as vu
 from vmemdev.protocol.vhost_user import Request
 
@@ -137,14 +137,14 @@ def test_config_construct_and_struct_agree(offset, data):
     ],
 )
 def test_malformed_payloads_are_refused(req, payload, nfds, reason):
-    with pytest.raises(PeerProtocolError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(PeerError, match=reason.replace("(", r"\(").replace(")", r"\)")):
         vu.decode(req, 1, payload, fake_fds(nfds))
 
 
 def test_header_checks_version_and_size():
-    with pytest.raises(PeerProtocolError, match="version"):
+    with pytest.raises(PeerError, match="version"):
         vu.parse_header(vu.HEADER.pack(1, 0x2, 0))
-    with pytest.raises(PeerProtocolError, match="exceeds"):
+    with pytest.raises(PeerError, match="exceeds"):
         vu.parse_header(vu.HEADER.pack(1, 0x1, vu.MAX_PAYLOAD + 1))
     assert vu.parse_header(vu.HEADER.pack(24, 0x9, 68)) == (24, 9, 68)
 
@@ -153,5 +153,5 @@ def test_header_checks_version_and_size():
 def test_decode_never_fails_other_than_with_a_protocol_error(request, need_reply, payload, nfds):
     try:
         vu.decode(request, 1 | need_reply << 3, payload, fake_fds(nfds))
-    except PeerProtocolError:
+    except PeerError:
         pass

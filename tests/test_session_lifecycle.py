@@ -21,7 +21,7 @@ async def test_rings_are_remapped_after_a_new_memory_table(attached):
     fe.ram.write(A, b"kept" * 1024)
     # QEMU without CONFIGURE_MEM_SLOTS semantics: a whole new table, new fds.
     await fe.send_memory(use_mem_table=True)
-    assert len(service.memory.regions) == 3
+    assert len(service.frontend.memory.regions) == 3
     assert await fe.plug(A + 4 * B, 4) == ACK  # the ring works through the new mapping
     assert fe.ram.read(A, 4096) == b"kept" * 1024
     assert await fe.unplug(A, 8) == ACK

@@ -12,13 +12,13 @@ import trio
 
 from vmemdev.virtio_mem.model import Geometry
 from vmemdev.daemon.vhost_server import serve
-from vmemdev.daemon.service import DeviceService
+from vmemdev.daemon.runtime import DeviceRuntime
 from vmemdev.testing.frontend import Frontend
 
 
 class ThreadedDevice:
     def __init__(self, geometry: Geometry, requested: int = 0, **service_options):
-        self.service = DeviceService(geometry, requested, **service_options)
+        self.service = DeviceRuntime(geometry, requested, **service_options)
         self._dir = tempfile.TemporaryDirectory(prefix="vmemdev-sm-")
         self.path = os.path.join(self._dir.name, "vm.sock")
         self._ready = threading.Event()

@@ -19,7 +19,7 @@ with the command line of /work/shared/docs/real-guest-e2e.md::
 (``-nographic`` is replaced by ``-display none``: smoke.boot() adds its own
 serial console and QMP socket; --nodefaults also drops QEMU's default VGA and
 NIC, which makes guest RAM one memory region instead of two), then walks the requested size
-256M (at start) -> 512M -> 128M -> 0 through ``DeviceService.resize``. At each
+256M (at start) -> 512M -> 128M -> 0 through ``DeviceRuntime.resize``. At each
 step it waits (bounded) until the guest's MemTotal is base + requested and
 the device's plugged_size equals requested_size, and records MemTotal, the
 device sizes and the DIMM file's allocated bytes (st_blocks * 512), checking
@@ -72,7 +72,7 @@ import smoke  # noqa: E402  (tests/e2e/guest/smoke.py)
 from vmemdev.virtio_mem.model import Geometry  # noqa: E402
 from vmemdev.protocol import vhost_user as vu  # noqa: E402
 from vmemdev.daemon.vhost_server import serve  # noqa: E402
-from vmemdev.daemon.service import DeviceService  # noqa: E402
+from vmemdev.daemon.runtime import DeviceRuntime  # noqa: E402
 
 MiB = 1 << 20
 REGION_ADDR = 0x1_0000_0000
@@ -123,11 +123,11 @@ def mib(n: int) -> str:
 
 
 class VmemdevDevice:
-    """Access to the in-process DeviceService from the scenario thread."""
+    """Access to the in-process DeviceRuntime from the scenario thread."""
 
     kind = "vmemdev"
 
-    def __init__(self, service: DeviceService, socket_path: Path, mem_path: Path):
+    def __init__(self, service: DeviceRuntime, socket_path: Path, mem_path: Path):
         self.service = service
         self.socket_path = socket_path
         self.mem_path = mem_path
@@ -595,7 +595,7 @@ def make_workdir() -> Path:
 async def run_vmemdev(args, workdir: Path) -> tuple[Scenario, bool]:
     sock = workdir / "vm0.sock"
     trace = workdir / "trace.jsonl"
-    service = DeviceService(Geometry(addr=REGION_ADDR, region_size=REGION_SIZE,
+    service = DeviceRuntime(Geometry(addr=REGION_ADDR, region_size=REGION_SIZE,
                                      block_size=BLOCK_SIZE), requested_size=args.steps[0] * MiB)
     dev = VmemdevDevice(service, sock, workdir / "hp0.mem")
     stop = threading.Event()

@@ -19,7 +19,7 @@ import trio
 from ..client import AsyncClient
 from ..daemon.control_server import ControlServer
 from ..daemon.vhost_server import serve
-from ..daemon.service import DeviceService
+from ..daemon.runtime import DeviceRuntime
 from ..sizes import format_size
 from ..testing.frontend import Frontend
 from ..testing.guest import SimulatedLinuxGuest
@@ -31,7 +31,7 @@ def _row(cells) -> str:
     return "  ".join(f"{c:>10}" for c in cells)
 
 
-async def run_demo(service: DeviceService, steps: list[int]) -> int:
+async def run_demo(service: DeviceRuntime, steps: list[int]) -> int:
     g = service.geometry
     with tempfile.TemporaryDirectory(prefix="vmemdev-demo-") as tmp:
         path = os.path.join(tmp, "vm0.sock")

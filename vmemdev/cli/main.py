@@ -15,11 +15,12 @@ import trio
 
 from .. import __version__
 from ..daemon import systemd
-from ..daemon.backend import OFFERED_FEATURES
-from ..daemon.backend import OFFERED_PROTOCOL_FEATURES
-from ..virtio_mem.model import Geometry
 from ..errors import ConfigError, VmemdevError
 from ..sizes import parse_size
+from ..vhost.engine import OFFERED_PROTOCOL_FEATURES, TRANSPORT_FEATURES
+from ..virtio_mem.device import VirtioMem
+from ..virtio_mem.limits import LIMIT_NAMES, Limits
+from ..virtio_mem.model import Geometry, check_block_multiple
 
 DEFAULT_REGION_ADDR = 0x1_0000_0000
 DEFAULT_REGION_SIZE = "1G"
@@ -58,10 +59,10 @@ def default_control_socket(args) -> str | None:
 def capabilities() -> dict:
     return {
         "type": "memory",
-        "virtio-id": 24,
+        "virtio-id": VirtioMem.device_id,
         "version": __version__,
         "features": [],
-        "virtio-features": f"{OFFERED_FEATURES:#x}",
+        "virtio-features": f"{TRANSPORT_FEATURES | VirtioMem.features:#x}",
         "protocol-features": f"{OFFERED_PROTOCOL_FEATURES:#x}",
     }
 
@@ -206,20 +207,20 @@ def main(argv: list[str] | None = None) -> int:
     systemd.setup_logging(args.log_level or ("info" if args.command == "serve" else "warning"),
                           instance_name(args), args.log_format)
     geometry = _geometry(parser, args)
+    from ..daemon.runtime import DeviceRuntime
     from ..host.cgroup import Cgroup
-    from ..daemon.service import DeviceService
-    from ..daemon.service import Limits
 
     try:
         limits = Limits()
         cgroup = None
         if args.command == "serve":
             limits = Limits(args.memory_max, args.memory_high)
-            for name, value in (("memory.max", limits.memory_max), ("memory.high", limits.memory_high)):
-                if value is not None and value % geometry.block_size:
-                    raise ConfigError(f"--{name.replace('.', '-')} must be a multiple of the block size")
+            for name in LIMIT_NAMES:
+                value = limits.get(name)
+                if value is not None:
+                    check_block_multiple("--" + name.replace(".", "-"), value, geometry.block_size)
             cgroup = Cgroup(args.cgroup) if args.cgroup else None
-        service = DeviceService(geometry, args.requested_size, limits=limits, cgroup=cgroup,
+        runtime = DeviceRuntime(geometry, args.requested_size, limits=limits, cgroup=cgroup,
                                 prealloc=getattr(args, "prealloc", False))
     except ConfigError as exc:
         parser.error(str(exc))
@@ -236,10 +237,10 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             control_path = default_control_socket(args)
-            control = ControlServer(service, control_path, args.control_group) if control_path else None
+            control = ControlServer(runtime, control_path, args.control_group) if control_path else None
             if control is None:
                 logging.getLogger("vmemdev").warning("no control socket: resize and limits are not available")
-            trio.run(lambda: serve(service, socket_path=args.socket_path, listen_fd=args.fd,
+            trio.run(lambda: serve(runtime, socket_path=args.socket_path, listen_fd=args.fd,
                                    trace_path=args.trace_file, control=control))
         except VmemdevError as exc:
             logging.getLogger("vmemdev").error("%s", exc)
@@ -250,10 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         steps = [parse_size(s, "step") for s in args.steps.split(",") if s.strip()]
         for step in steps:
-            service.device.check_requested_size(step)
+            runtime.device.check_requested_size(step)
     except ConfigError as exc:
         parser.error(str(exc))
-    return trio.run(run_demo, service, steps)
+    return trio.run(run_demo, runtime, steps)
 
 
 if __name__ == "__main__":

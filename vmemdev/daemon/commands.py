@@ -1,14 +1,16 @@
-"""Control commands: what each one does to a ``DeviceService``. No I/O here."""
+"""Control commands: what each one does to a device's ``DeviceRuntime``."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from .. import __version__
 from ..errors import ConfigError
 from ..protocol.control import COMMANDS, PROTOCOL_VERSION, Command, CommandError
-from .service import DeviceService
+from .runtime import DeviceRuntime
 
 
-def execute(service: DeviceService, command: Command):
+def execute(runtime: DeviceRuntime, command: Command) -> Any:
     """The ``return`` value of one command; raises CommandError."""
     name, args = command.name, command.arguments
     try:
@@ -17,26 +19,21 @@ def execute(service: DeviceService, command: Command):
         if name == "query-commands":
             return sorted(COMMANDS)
         if name == "query-status":
-            return service.status()
+            return runtime.status()
         if name == "query-limits":
-            out = service.limits.to_json()
-            if service.cgroup is not None:
-                reading = service.cgroup.read()
-                out["cgroup"] = {"path": service.cgroup.path, "version": service.cgroup.version,
-                                 "limit": reading.limit, "usage": reading.usage}
-            return out
+            return runtime.device.limits_report()
         if name == "query-stats":
-            return service.stats.to_json()
+            return runtime.device.stats.to_json()
         if name == "query-accounting":
-            return service.accounting()
+            return runtime.device.accounting()
         if name == "query-events":
-            return [event.to_json() for event in service.events.history]
+            return [event.to_json() for event in runtime.events.history]
         if name == "resize":
-            changed = service.resize(args["size"])
-            return {"requested_size": service.device.requested_size, "changed": changed}
+            changed = runtime.resize(args["size"])
+            return {"requested_size": runtime.device.requested_size, "changed": changed}
         if name == "set-limit":
-            service.set_limit(args["name"], args["value"])
-            return service.limits.to_json()
+            runtime.set_limit(args["name"], args["value"])
+            return runtime.device.limits.to_json()
     except ConfigError as exc:
         raise CommandError("InvalidArgument", str(exc)) from exc
     except OSError as exc:

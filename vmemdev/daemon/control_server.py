@@ -24,9 +24,8 @@ from .. import __version__
 from . import commands as control
 from ..errors import VmemdevError
 from ..protocol import control as proto
-from .service import DeviceService
-from .sockets import accept
-from .sockets import bind_unix_listener
+from .runtime import DeviceRuntime
+from .sockets import accept, bind_unix_listener, send_all
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +54,9 @@ def peer_groups(pid: int) -> set[int]:
 
 
 class ControlServer:
-    def __init__(self, service: DeviceService, path: str, group: str | None = None,
+    def __init__(self, runtime: DeviceRuntime, path: str, group: str | None = None,
                  max_clients: int = MAX_CLIENTS):
-        self.service = service
+        self.runtime = runtime
         self.path = path
         self.max_clients = max_clients
         self.clients = 0
@@ -118,7 +117,7 @@ class ControlServer:
                 return
             self.clients += 1
             try:
-                await ClientSession(self.service, sock, pid).run()
+                await ClientSession(self.runtime, sock, pid).run()
             except* Exception as group:  # a client's failure ends that client only
                 log.info("control client pid %d dropped: %s", pid, describe(group))
             finally:
@@ -136,8 +135,8 @@ class ControlServer:
 class ClientSession:
     """One control client: requests in, returns and events out."""
 
-    def __init__(self, service: DeviceService, sock: trio.socket.SocketType, pid: int):
-        self.service = service
+    def __init__(self, runtime: DeviceRuntime, sock: trio.socket.SocketType, pid: int):
+        self.runtime = runtime
         self.sock = sock
         self.pid = pid
         self._write_lock = trio.Lock()
@@ -145,13 +144,11 @@ class ClientSession:
     async def send(self, data: bytes) -> None:
         async with self._write_lock:
             with trio.fail_after(WRITE_TIMEOUT):  # a client that never reads is dropped
-                view = memoryview(data)
-                while view:
-                    view = view[await self.sock.send(view):]
+                await send_all(self.sock, data)
 
     async def run(self) -> None:
         await self.send(proto.greeting(__version__))
-        subscription = self.service.events.subscribe()
+        subscription = self.runtime.events.subscribe()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump_events, subscription)
@@ -192,7 +189,7 @@ class ClientSession:
         except proto.CommandError as exc:
             return proto.encode_error(exc.cls, exc.desc, exc.id)
         try:
-            return proto.encode_return(control.execute(self.service, command), command.id)
+            return proto.encode_return(control.execute(self.runtime, command), command.id)
         except proto.CommandError as exc:
             return proto.encode_error(exc.cls, exc.desc, command.id)
         except Exception as exc:  # a bug of ours must not take the daemon down

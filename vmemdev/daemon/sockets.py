@@ -50,3 +50,17 @@ async def accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
                 raise
             log.error("accept on %s failed (%s); retrying in 100 ms", listener.getsockname(), exc)
             await trio.sleep(0.1)
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    """Send every byte; a reply that fits the socket buffer goes out without yielding.
+
+    Raises OSError as the socket does.
+    """
+    view = memoryview(data)
+    try:
+        view = view[os.write(sock.fileno(), view):]
+    except BlockingIOError:
+        pass
+    while view:
+        view = view[await sock.send(view):]

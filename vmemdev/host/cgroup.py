@@ -8,27 +8,17 @@ cgroup v2: ``memory.max`` and ``memory.current``.
 
 A plug is acknowledged only if the cgroup has headroom for it plus a
 page-table margin (1/512 of the size, what the guest's page tables and the
-host's cost at most on x86-64): a cgroup at its hard limit OOM-kills, and a
-NACK is the device's way to say no without killing anyone.
+host's cost at most on x86-64): a cgroup at its hard limit OOM-kills, so
+the device answers BUSY instead (the driver retries on a timer).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 from ..errors import ConfigError
+from .interface import CgroupReading
 
 V1_UNLIMITED = 1 << 62  # v1 reports "no limit" as a value near 2^63
-
-
-@dataclass(frozen=True)
-class CgroupReading:
-    limit: int | None  # None: no limit
-    usage: int
-
-    def headroom(self) -> int | None:
-        return None if self.limit is None else self.limit - self.usage
 
 
 def page_table_margin(size: int) -> int:
@@ -75,7 +65,7 @@ class Cgroup:
         return CgroupReading(limit, int(self._file("memory.current")))
 
     def check_headroom(self, size: int) -> str | None:
-        """None if ``size`` more bytes fit; otherwise the reason, for the log and the NACK."""
+        """None if ``size`` more bytes fit; otherwise the reason, for the log and the BUSY."""
         reading = self.read()
         room = reading.headroom()
         need = size + page_table_margin(size)

@@ -16,27 +16,13 @@ import logging
 import mmap
 import os
 import stat
-from dataclasses import dataclass
 
 from . import native
-from ..errors import GuestMemoryError, PeerProtocolError
+from ..errors import GuestMemoryError, PeerError
+from .interface import Backing
 from ..protocol.vhost_user import MemoryRegion
 
 log = logging.getLogger(__name__)
-
-MAX_MEM_SLOTS = 509  # what GET_MAX_MEM_SLOTS answers; memory hotplug setups need this many
-
-
-@dataclass(frozen=True)
-class Backing:
-    """A piece of a guest-physical range: which fd and where in it."""
-
-    fd: int
-    file_offset: int
-    length: int
-    address: int  # our virtual address of the same bytes
-    gpa: int
-
 
 class MappedRegion:
     def __init__(self, desc: MemoryRegion, fd: int):
@@ -45,16 +31,16 @@ class MappedRegion:
         try:
             st = os.fstat(fd)
         except OSError as exc:
-            raise PeerProtocolError(f"memory region fd: {exc}") from exc
+            raise PeerError(f"memory region fd: {exc}") from exc
         if not stat.S_ISREG(st.st_mode):
-            raise PeerProtocolError(
+            raise PeerError(
                 f"memory region at gpa {desc.guest_phys_addr:#x} is not backed by a regular "
                 "file or memfd"
             )
         end = desc.mmap_offset + desc.memory_size
         # Touching a mapping past the end of its file raises SIGBUS: refuse it up front.
         if st.st_size < end:
-            raise PeerProtocolError(
+            raise PeerError(
                 f"memory region at gpa {desc.guest_phys_addr:#x} needs {end} bytes of its "
                 f"file but the file has {st.st_size}"
             )
@@ -69,7 +55,7 @@ class MappedRegion:
                 offset=desc.mmap_offset - self._skip,
             )
         except (OSError, ValueError, OverflowError) as exc:
-            raise PeerProtocolError(f"cannot map region at gpa {desc.guest_phys_addr:#x}: {exc}") from exc
+            raise PeerError(f"cannot map region at gpa {desc.guest_phys_addr:#x}: {exc}") from exc
         self.address = native.buffer_address(self.mm) + self._skip
 
     @property
@@ -102,7 +88,7 @@ class MappedRegion:
 class GuestMemory:
     """The set of regions currently shared by the front-end."""
 
-    def __init__(self, max_regions: int = MAX_MEM_SLOTS):
+    def __init__(self, max_regions: int):
         self.max_regions = max_regions
         self._regions: list[MappedRegion] = []  # sorted by gpa
         self._starts: list[int] = []
@@ -117,24 +103,23 @@ class GuestMemory:
         self._starts = [r.gpa for r in self._regions]
         self.generation += 1
 
-    def add(self, desc: MemoryRegion, fd: int) -> MappedRegion:
-        """Map one region. On success the region owns ``fd`` if ``region.fd == fd``
-        (a region announced twice keeps the first fd); on failure the caller still does."""
+    def add(self, desc: MemoryRegion, fd: int) -> bool:
+        """Map one region; True when it now owns ``fd`` (a region announced
+        twice keeps the first fd). On failure the caller still owns ``fd``."""
         for region in self._regions:
             if region.desc == desc:
                 log.debug("region %s added twice; keeping the first", desc)
-                return region
+                return False
         if len(self._regions) >= self.max_regions:
-            raise PeerProtocolError(f"more than {self.max_regions} memory regions")
+            raise PeerError(f"more than {self.max_regions} memory regions")
         for other in self._regions:
             if desc.guest_phys_addr < other.desc.gpa_end and other.gpa < desc.gpa_end:
-                raise PeerProtocolError(
+                raise PeerError(
                     f"region gpa {desc.guest_phys_addr:#x}+{desc.memory_size:#x} overlaps {other}"
                 )
-        region = MappedRegion(desc, fd)
-        self._regions.append(region)
+        self._regions.append(MappedRegion(desc, fd))
         self._reindex()
-        return region
+        return True
 
     def remove(self, desc: MemoryRegion) -> None:
         for region in self._regions:
@@ -147,7 +132,7 @@ class GuestMemory:
                 region.close()
                 self._reindex()
                 return
-        raise PeerProtocolError(
+        raise PeerError(
             f"REM_MEM_REG: no region at gpa {desc.guest_phys_addr:#x} size {desc.memory_size:#x}"
         )
 
@@ -168,6 +153,9 @@ class GuestMemory:
         self._regions = new._regions
         self._reindex()
         return {region.fd for region in self._regions}
+
+    def describe(self) -> str:
+        return ", ".join(repr(r) for r in self._regions)
 
     def close(self) -> None:
         for region in self._regions:

@@ -13,9 +13,9 @@ Why it exists:
   leaks into the rest of the package.
 - Tests can make any discard/populate fail on demand (:func:`inject_fault`).
 
-The ``*_async`` variants run in a worker thread and are never abandoned on
-cancel: the syscall finishes and the caller waits for it, so what the device
-model believes and what the host really holds cannot diverge.
+Every call blocks: the daemon runs long ranges on a worker thread and never
+abandons one on cancel, so what the device model believes and what the host
+really holds cannot diverge.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import operator
 import threading
 from collections.abc import Iterable, Iterator
 from errno import E2BIG
-
-import trio
 
 from ._native import ffi
 from ._native import lib
@@ -44,9 +42,6 @@ __all__ = [
     "data_extents",
     "resident_pages",
     "buffer_address",
-    "punch_ranges_async",
-    "populate_write_async",
-    "fallocate_async",
     "inject_fault",
 ]
 
@@ -260,19 +255,3 @@ def buffer_address(buf) -> int:
         return int(ffi.cast("uintptr_t", cdata))
     finally:
         ffi.release(cdata)
-
-
-# -- async variants: long ranges, in a worker thread, never abandoned ---------
-
-
-async def punch_ranges_async(fd: int, ranges: Iterable[tuple[int, int]]) -> None:
-    ranges = list(ranges)  # consume a generator here, not in the worker
-    await trio.to_thread.run_sync(punch_ranges, fd, ranges, abandon_on_cancel=False)
-
-
-async def populate_write_async(addr: int, length: int) -> None:
-    await trio.to_thread.run_sync(populate_write, addr, length, abandon_on_cancel=False)
-
-
-async def fallocate_async(fd: int, offset: int, length: int) -> None:
-    await trio.to_thread.run_sync(fallocate, fd, offset, length, abandon_on_cancel=False)

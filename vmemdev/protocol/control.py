@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OperatorError
 from ..sizes import parse_size
 
 PROTOCOL_VERSION = 1
@@ -46,7 +46,7 @@ COMMANDS: dict[str, dict[str, tuple[str, bool]]] = {
 LIMIT_NAMES = ("memory.max", "memory.high")
 
 
-class CommandError(Exception):
+class CommandError(OperatorError):
     """An error answered to the client: QMP-style class and description."""
 
     def __init__(self, cls: str, desc: str, ident=None):

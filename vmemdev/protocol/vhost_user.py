@@ -8,7 +8,7 @@ with up to 8 file descriptors attached as SCM_RIGHTS. This module turns
 (header, payload, fds) into a typed, frozen ``Message`` with its payload
 validated exactly (size, fd count), and builds replies. It knows nothing
 about sockets or session state: feature gating and ring-index checks need
-the session and live in ``vmemdev.daemon.backend``.
+the session and live in ``vmemdev.vhost.engine``.
 
 construct gives the readable definitions; the 12-byte header is on the hot
 path (every GET_CONFIG a vCPU waits for) and uses a precompiled struct.Struct.
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import construct as cs
 
-from ..errors import PeerProtocolError
+from ..errors import PeerError
 
 MAX_FDS = 8
 MAX_PAYLOAD = 4096  # the largest message we accept (SET_MEM_TABLE is 264 bytes)
@@ -310,11 +310,11 @@ def parse_header(data: bytes | memoryview) -> tuple[int, int, int]:
     """(request, flags, size) from 12 bytes; checks version and size bound."""
     request, flags, size = HEADER.unpack_from(data)
     if flags & VERSION_MASK != Flags.VERSION:
-        raise PeerProtocolError(
+        raise PeerError(
             f"{request_name(request)}: unsupported protocol version in flags {flags:#x}"
         )
     if size > MAX_PAYLOAD:
-        raise PeerProtocolError(
+        raise PeerError(
             f"{request_name(request)}: payload size {size} exceeds {MAX_PAYLOAD}"
         )
     return request, flags, size
@@ -322,14 +322,14 @@ def parse_header(data: bytes | memoryview) -> tuple[int, int, int]:
 
 def _expect_size(request: int, payload: bytes, size: int) -> None:
     if len(payload) != size:
-        raise PeerProtocolError(
+        raise PeerError(
             f"{request_name(request)}: payload is {len(payload)} bytes, expected {size}"
         )
 
 
 def _expect_fds(request: int, fds: tuple[int, ...], count: int) -> None:
     if len(fds) != count:
-        raise PeerProtocolError(
+        raise PeerError(
             f"{request_name(request)}: came with {len(fds)} file descriptors, expected {count}"
         )
 
@@ -337,20 +337,20 @@ def _expect_fds(request: int, fds: tuple[int, ...], count: int) -> None:
 def _region(raw: tuple[int, int, int, int], request: int) -> MemoryRegion:
     region = MemoryRegion(*raw)
     if region.memory_size == 0:
-        raise PeerProtocolError(f"{request_name(request)}: memory region of size 0")
+        raise PeerError(f"{request_name(request)}: memory region of size 0")
     if region.gpa_end > 1 << 64 or region.userspace_addr + region.memory_size > 1 << 64:
-        raise PeerProtocolError(f"{request_name(request)}: memory region wraps around 2^64")
+        raise PeerError(f"{request_name(request)}: memory region wraps around 2^64")
     return region
 
 
 def decode(request: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
-    """Validate and decode one message. Raises PeerProtocolError.
+    """Validate and decode one message. Raises PeerError.
 
     The caller still owns ``fds`` when this raises and must close them.
     """
     layout = _LAYOUTS.get(request)
     if layout is None:
-        raise PeerProtocolError(f"unknown or unsupported request {request_name(request)}")
+        raise PeerError(f"unknown or unsupported request {request_name(request)}")
     kind, nfds = layout
     body: object = None
     if kind == "empty":
@@ -368,16 +368,16 @@ def decode(request: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Me
         _expect_size(request, payload, U64.size)
         (value,) = U64.unpack(payload)
         if value & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
-            raise PeerProtocolError(f"{request_name(request)}: unknown bits in {value:#x}")
+            raise PeerError(f"{request_name(request)}: unknown bits in {value:#x}")
         nofd = bool(value & VRING_NOFD_MASK)
         _expect_fds(request, fds, 0 if nofd else 1)
         body = VringFile(value & VRING_IDX_MASK, None if nofd else fds[0])
     elif kind == "mem_table":
         if len(payload) < 8:
-            raise PeerProtocolError("SET_MEM_TABLE: payload shorter than its 8-byte header")
+            raise PeerError("SET_MEM_TABLE: payload shorter than its 8-byte header")
         (nregions,) = U32.unpack_from(payload)
         if not 1 <= nregions <= BASELINE_MEM_REGIONS:
-            raise PeerProtocolError(
+            raise PeerError(
                 f"SET_MEM_TABLE: {nregions} regions, expected 1..{BASELINE_MEM_REGIONS}"
             )
         _expect_size(request, payload, 8 + nregions * MEMORY_REGION.size)
@@ -396,10 +396,10 @@ def decode(request: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Me
         body = _region(MEMORY_REGION.unpack_from(payload, 8), request)
     elif kind == "config":
         if len(payload) < CONFIG_HEADER.size:
-            raise PeerProtocolError(f"{request_name(request)}: payload shorter than 12 bytes")
+            raise PeerError(f"{request_name(request)}: payload shorter than 12 bytes")
         offset, size, cflags = CONFIG_HEADER.unpack_from(payload)
         if size > MAX_CONFIG_SIZE:
-            raise PeerProtocolError(f"{request_name(request)}: config size {size} > 256")
+            raise PeerError(f"{request_name(request)}: config size {size} > 256")
         _expect_size(request, payload, CONFIG_HEADER.size + size)
         body = ConfigSpace(offset, size, cflags, bytes(payload[CONFIG_HEADER.size :]))
     if nfds >= 0 and kind != "file":

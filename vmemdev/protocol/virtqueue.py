@@ -26,7 +26,7 @@ from typing import Callable
 
 import construct as cs
 
-from ..errors import PeerProtocolError
+from ..errors import PeerError
 
 # Readable definitions; the hot path below uses the precompiled structs.
 DescStruct = cs.Struct("addr" / cs.Int64ul, "len" / cs.Int32ul, "flags" / cs.Int16ul, "next" / cs.Int16ul)
@@ -76,11 +76,11 @@ class Chain:
     writable: tuple[Buffer, ...]
 
 
-class RingBroken(PeerProtocolError):
+class RingBroken(PeerError):
     """The ring itself is inconsistent; processing must stop until restart."""
 
 
-class ChainError(PeerProtocolError):
+class ChainError(PeerError):
     """One descriptor chain is malformed; its head can still be returned."""
 
     def __init__(self, head: int, reason: str):
@@ -104,7 +104,7 @@ class SplitQueue:
         used_idx: int | None = None,
     ):
         if not valid_queue_size(num):
-            raise PeerProtocolError(f"queue size {num} is not a power of two in 1..32768")
+            raise PeerError(f"queue size {num} is not a power of two in 1..32768")
         self.num = num
         self._desc_buf, self._desc_off = desc
         self._avail_buf, self._avail_off = avail
@@ -157,7 +157,7 @@ class SplitQueue:
                 readable.append(buf)
             try:
                 check(addr, length)
-            except PeerProtocolError as exc:
+            except PeerError as exc:
                 raise ChainError(head, f"descriptor {index}: {exc}") from exc
             if not flags & DESC_F_NEXT:
                 return Chain(head, tuple(readable), tuple(writable))

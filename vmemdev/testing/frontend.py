@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..host import native
+from ..host import probes
 from ..protocol import vhost_user as vu
 from ..protocol import virtio_mem as vm
 from ..protocol.vhost_user import MemoryRegion, ProtocolFeature, Request
@@ -68,7 +68,7 @@ class GuestRam:
 
     def __init__(self, ram_size: int, device_addr: int, device_size: int, dimm: bool = True):
         self.ram_fd, self.ram = _memfd("guest-ram", ram_size)
-        ram_base = native.buffer_address(self.ram)
+        ram_base = probes.buffer_address(self.ram)
         self.regions = [
             SharedRegion(0, LOW_RAM_END, self.ram_fd, 0, self.ram, ram_base),
             SharedRegion(
@@ -79,7 +79,7 @@ class GuestRam:
         if dimm:
             self.dimm_fd, self.dimm = _memfd("dimm0", device_size)
             self.regions.append(
-                SharedRegion(device_addr, device_size, self.dimm_fd, 0, self.dimm, native.buffer_address(self.dimm))
+                SharedRegion(device_addr, device_size, self.dimm_fd, 0, self.dimm, probes.buffer_address(self.dimm))
             )
         self._next = 0x100000  # bump allocator for rings and buffers, from 1 MiB
 
@@ -404,7 +404,7 @@ class Frontend:
     # --- the device region as the host sees it ----------------------------------
 
     def dimm_allocated(self) -> int:
-        return native.allocated_bytes(self.ram.dimm_fd)
+        return probes.allocated_bytes(self.ram.dimm_fd)
 
     def dimm_extents(self) -> list[tuple[int, int]]:
-        return native.data_extents(self.ram.dimm_fd)
+        return probes.data_extents(self.ram.dimm_fd)

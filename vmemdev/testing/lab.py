@@ -23,7 +23,7 @@ import time
 
 import trio
 
-from ..host import native
+from ..host import probes
 from ..client import Client
 from ..sizes import parse_size
 from .frontend import Frontend
@@ -134,11 +134,11 @@ class Lab:
 
     def allocated(self) -> int:
         """Host bytes allocated for the device region (the DIMM memfd's st_blocks)."""
-        return native.allocated_bytes(self.frontend.ram.dimm_fd)
+        return probes.allocated_bytes(self.frontend.ram.dimm_fd)
 
     def extents(self) -> list[tuple[int, int]]:
         """Allocated (guest-physical address, length) extents of the device region."""
-        return [(self.region_addr + off, n) for off, n in native.data_extents(self.frontend.ram.dimm_fd)]
+        return [(self.region_addr + off, n) for off, n in probes.data_extents(self.frontend.ram.dimm_fd)]
 
     def guest_check_contents(self) -> None:
         """Every block the guest plugged still holds what it wrote there."""

@@ -65,6 +65,12 @@ class Geometry:
         return self.region_size // self.block_size
 
 
+def check_block_multiple(what: str, value: int, block_size: int) -> None:
+    """The one check that a size sits on the device's block grid."""
+    if value < 0 or value % block_size:
+        raise ConfigError(f"{what} {fs(value)} is not a multiple of the block size {fs(block_size)}")
+
+
 # --- decisions: what a request needs before it can be answered --------------
 
 
@@ -104,7 +110,7 @@ ACK = MemResponse(ResponseType.ACK)
 BUSY = MemResponse(ResponseType.BUSY)
 
 
-class VirtioMemDevice:
+class VirtioMemModel:
     def __init__(self, geometry: Geometry, requested_size: int = 0):
         self.geometry = geometry
         self.bitmap = BlockBitmap(geometry.nblocks)
@@ -144,10 +150,7 @@ class VirtioMemDevice:
         """Raise ConfigError with the reason if ``size`` cannot be requested."""
         if not isinstance(size, int) or size < 0:
             raise ConfigError(f"requested size {size!r} must be a non-negative integer")
-        if size % self.block_size:
-            raise ConfigError(
-                f"requested size {fs(size)} is not a multiple of the block size {fs(self.block_size)}"
-            )
+        check_block_multiple("requested size", size, self.block_size)
         if size > self.geometry.region_size:
             raise ConfigError(
                 f"requested size {fs(size)} is larger than the region ({fs(self.geometry.region_size)})"

@@ -2,8 +2,7 @@
 
 - plugged: what the guest was given (blocks × block size);
 - allocated: what the host really holds for the device region, from the
-  backing file (st_blocks when the region is the whole file, else the
-  SEEK_DATA extents inside it). Never RSS: a process's RSS drops on
+  backing file (see ``Host.allocated``). Never RSS: a process's RSS drops on
   MADV_DONTNEED although nothing was freed;
 - outside plugged: allocated bytes in unplugged blocks (must be 0);
 - memmap estimate: Linux keeps a 64-byte struct page per 4 KiB page, 2 MiB
@@ -14,14 +13,14 @@
 
 from __future__ import annotations
 
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from . import native
-from ..virtio_mem.model import VirtioMemDevice
-from .memory import Backing
+from ..host.interface import Backing, Host
+from .model import VirtioMemModel
 
-LINUX_MEMORY_BLOCK = 128 << 20
+LINUX_MEMORY_BLOCK = 128 << 20  # Linux's memory block on x86-64 (sysfs block_size_bytes)
 MEMMAP_PER_MEMORY_BLOCK = LINUX_MEMORY_BLOCK // 64
 
 
@@ -32,46 +31,37 @@ class Footprint:
     outside_plugged: int  # extent bytes in unplugged blocks
 
 
-def piece_allocated(piece: Backing) -> int:
-    """Allocated bytes of one backing piece."""
-    st = os.fstat(piece.fd)
-    if piece.file_offset == 0 and piece.length == st.st_size:
-        return st.st_blocks * 512  # counts fallocate()d pages that SEEK_DATA skips
-    return sum(length for _, length in native.data_extents(piece.fd, piece.file_offset,
-                                                            piece.file_offset + piece.length))
-
-
-def footprint(device: VirtioMemDevice, pieces: list[Backing]) -> Footprint:
-    extents = []
+def footprint(model: VirtioMemModel, host: Host, pieces: Sequence[Backing]) -> Footprint:
+    """Raises OSError when the host cannot be read."""
     allocated = 0
+    extents: list[tuple[int, int]] = []
     for piece in pieces:
-        allocated += piece_allocated(piece)
-        for off, length in native.data_extents(piece.fd, piece.file_offset, piece.file_offset + piece.length):
-            extents.append((piece.gpa + off - piece.file_offset, length))
-    outside = sum(length - plugged_overlap(device, gpa, length) for gpa, length in extents)
+        allocated += host.allocated(piece)
+        extents += host.extents(piece)
+    outside = sum(length - plugged_overlap(model, gpa, length) for gpa, length in extents)
     return Footprint(allocated, tuple(extents), outside)
 
 
-def plugged_overlap(device: VirtioMemDevice, gpa: int, length: int) -> int:
+def plugged_overlap(model: VirtioMemModel, gpa: int, length: int) -> int:
     """Bytes of [gpa, gpa + length) that lie in plugged blocks."""
-    bs = device.block_size
-    start = gpa - device.geometry.addr
+    bs = model.block_size
+    start = gpa - model.geometry.addr
     end = start + length
     first, last = start // bs, (end - 1) // bs
     if first == last:
-        return length if device.bitmap.test(first) else 0
-    total = device.bitmap.count_range(first + 1, last - first - 1) * bs
-    if device.bitmap.test(first):
+        return length if model.bitmap.test(first) else 0
+    total = model.bitmap.count_range(first + 1, last - first - 1) * bs
+    if model.bitmap.test(first):
         total += (first + 1) * bs - start
-    if device.bitmap.test(last):
+    if model.bitmap.test(last):
         total += end - last * bs
     return total
 
 
-def memmap_estimate(device: VirtioMemDevice) -> dict:
+def memmap_estimate(model: VirtioMemModel) -> dict[str, Any]:
     """Guest memmap cost of what is plugged, per Linux memory block used."""
-    g = device.geometry
-    bs = device.block_size
+    g = model.geometry
+    bs = model.block_size
     used = 0
     # Linux memory blocks are aligned to 128 MiB in guest-physical space.
     block = g.addr - g.addr % LINUX_MEMORY_BLOCK
@@ -81,11 +71,11 @@ def memmap_estimate(device: VirtioMemDevice) -> dict:
         hi = min(block + LINUX_MEMORY_BLOCK, end)
         first = (lo - g.addr) // bs
         count = -(-(hi - g.addr) // bs) - first
-        if device.bitmap.count_range(first, count):
+        if model.bitmap.count_range(first, count):
             used += 1
         block += LINUX_MEMORY_BLOCK
     memmap = used * MEMMAP_PER_MEMORY_BLOCK
-    plugged = device.plugged_size
+    plugged = model.plugged_size
     return {
         "linux_memory_blocks_used": used,
         "memmap_bytes": memmap,

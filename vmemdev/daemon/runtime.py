@@ -1,0 +1,109 @@
+"""One virtio-mem device in the daemon: wires the device, the host, events and
+the attached front-end, and owns nothing else.
+
+The device (``virtio_mem.VirtioMem``) outlives front-end connections: a
+restarted VM reconnects to the same bitmap and sizes. The runtime runs the
+host work a request needs on a worker thread, forwards config changes to
+the attached front-end, and watches memory.high.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from ..host.interface import CgroupProbe
+from ..host.system import SystemHost
+from ..vhost.engine import MAX_MEM_SLOTS, RingRequest
+from ..virtio_mem.device import VirtioMem
+from ..virtio_mem.limits import Limits
+from ..virtio_mem.model import Geometry
+from .connection import FrontendConnection
+from .events import EventBus
+
+log = logging.getLogger(__name__)
+
+
+class DeviceRuntime:
+    def __init__(self, geometry: Geometry, requested_size: int = 0, *, limits: Limits | None = None,
+                 cgroup: CgroupProbe | None = None, prealloc: bool = False):
+        self.events = EventBus()
+        self.host = SystemHost()
+        self.device = VirtioMem(geometry, requested_size, host=self.host, limits=limits, cgroup=cgroup,
+                                prealloc=prealloc, publish=self.events.publish)
+        self.frontend: FrontendConnection | None = None
+        self.sessions_ended = 0  # front-end connections served to the end
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.device.geometry
+
+    @property
+    def frontend_attached(self) -> bool:
+        return self.frontend is not None
+
+    # --- front-end connections ----------------------------------------------------
+
+    def connect(self, sock: trio.socket.SocketType, tracer: Any = None) -> FrontendConnection:
+        """The connection for a newly accepted front-end; the device borrows its memory."""
+        memory = self.host.guest_memory(MAX_MEM_SLOTS)
+        self.frontend = FrontendConnection(sock, self.device, memory, self.serve_request, tracer)
+        self.device.attach(memory)
+        return self.frontend
+
+    def disconnected(self) -> None:
+        self.frontend = None
+        self.device.attach(None)
+        self.sessions_ended += 1
+
+    async def serve_request(self, request: RingRequest) -> bytes:
+        step = self.device.begin(request.data, request.writable)
+        if isinstance(step, bytes):
+            return step
+        # Shielded: host work that ran is committed (or rolled back) before a
+        # cancellation can land, so the model and the host never diverge.
+        with trio.CancelScope(shield=True):
+            error = await trio.to_thread.run_sync(step.run, self.host, abandon_on_cancel=False)
+            return self.device.finish(step, error)
+
+    # --- operator API (control socket) ----------------------------------------------
+
+    def resize(self, requested_size: int, *, reason: str = "operator") -> bool:
+        """Raises ConfigError with the reason; notifies the driver once if config changed."""
+        changed = self.device.resize(requested_size, reason=reason)
+        if changed:
+            self.notify_config_change()
+        return changed
+
+    def set_limit(self, name: str, value: int | None) -> None:
+        if self.device.set_limit(name, value):
+            self.notify_config_change()
+
+    def notify_config_change(self) -> None:
+        frontend = self.frontend
+        if frontend is None:
+            log.info("no front-end attached: the driver reads the new config when it probes")
+        else:
+            frontend.notify_config_change()
+        d = self.device.model
+        self.events.publish("CONFIG_CHANGE_SENT", requested=d.requested_size,
+                            usable=d.usable_region_size, plugged=d.plugged_size,
+                            delivered=frontend is not None)
+
+    def status(self) -> dict[str, Any]:
+        out = self.device.status()
+        out["frontend"] = "attached" if self.frontend_attached else "waiting"
+        return out
+
+    async def monitor(self, interval: float = 1.0, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Watch memory.high; runs for the daemon's life."""
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            try:
+                if self.device.enforce_memory_high():
+                    self.notify_config_change()
+            except OSError as exc:
+                log.warning("cannot measure the device footprint: %s", exc)

@@ -1,0 +1,389 @@
+"""The virtio-mem device as the vhost engine and the control plane see it. No I/O.
+
+It owns the model (bitmap and sizes), the operator's limits and the request
+statistics. A guest request goes through ``begin``: the model decides, the
+limits and the host's cgroup are checked, and either the response is ready
+at once or a ``HostWork`` (discard or populate these pieces) comes back. The
+daemon runs that work on a worker thread (``HostWork.run``) and hands the
+result to ``finish``, which commits the model only if the host did its part.
+BUSY, never ERROR, when the host cannot: Linux retries BUSY on a timer.
+
+The memory of the attached front-end is borrowed (``attach``/``detach``):
+the connection owns it; the device only translates through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError, GuestMemoryError, HostError, PeerError
+from ..host.interface import Backing, CgroupProbe, Host, Memory
+from ..protocol import virtio_mem as vm
+from ..protocol.virtio_mem import MemRequest, MemResponse, RequestType, ResponseType
+from ..sizes import format_size
+from .accounting import Footprint, footprint, memmap_estimate
+from .limits import MEMORY_HIGH, MEMORY_MAX, Limits
+from .model import BUSY, NACK, Answer, Geometry, Plug, Unplug, UnplugAll, VirtioMemModel
+from .stats import Stats
+
+log = logging.getLogger(__name__)
+
+# Enum lookups by value cost ~1 µs each on the request path; plain dicts do not.
+_REQUEST_NAMES = {t.value: t.name for t in RequestType}
+_RESPONSE_NAMES = {t.value: t.name for t in ResponseType}
+_BUSY = BUSY.pack()
+_NACK = NACK.response.pack()
+
+MISSING_BACKING_HINT = (
+    "give QEMU shared, fd-backed RAM at the device address, e.g. "
+    "'-object memory-backend-file,id=hp0,size=SIZE,share=on,mem-path=PATH "
+    "-device pc-dimm,id=dimm0,memdev=hp0,addr=ADDR' with the guest booted with "
+    "'acpi_no_memhotplug', and all guest RAM shared "
+    "('-object memory-backend-memfd,id=ram,size=...,share=on -machine memory-backend=ram')"
+)
+
+Publish = Callable[..., Any]  # publish(event_name, **data)
+
+
+def _no_events(name: str, /, **data: Any) -> None:
+    return None
+
+
+@dataclass
+class HostWork:
+    """Host work a request needs before it can be answered."""
+
+    decision: Plug | Unplug | UnplugAll
+    populate: bool  # allocate (PLUG with --prealloc), else discard
+    pieces: list[Backing]
+    gpa: int
+    size: int
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def kind(self) -> str:
+        d = self.decision
+        return "PLUG" if isinstance(d, Plug) else "UNPLUG" if isinstance(d, Unplug) else "UNPLUG_ALL"
+
+    def run(self, host: Host) -> HostError | None:
+        """Do the work (blocking: the daemon calls this on a worker thread).
+
+        A populate that fails is rolled back, so a BUSY leaves nothing allocated.
+        """
+        try:
+            if self.populate:
+                host.populate(self.pieces)
+            else:
+                host.discard(self.pieces)
+        except HostError as exc:
+            if self.populate:
+                try:
+                    host.discard(self.pieces)
+                except HostError as undo:
+                    log.error("rolling back the preallocation failed too: %s", undo)
+            return exc
+        return None
+
+
+class VirtioMem:
+    """Implements the vhost engine's ``Device`` for virtio-mem (device ID 24)."""
+
+    device_id = vm.DEVICE_ID
+    num_queues = 1  # "guest-request"
+    features = int(vm.Feature.ACPI_PXM | vm.Feature.UNPLUGGED_INACCESSIBLE)
+    max_request = vm.REQUEST_SIZE
+
+    def __init__(
+        self,
+        geometry: Geometry,
+        requested_size: int = 0,
+        *,
+        host: Host,
+        limits: Limits | None = None,
+        cgroup: CgroupProbe | None = None,
+        prealloc: bool = False,
+        publish: Publish = _no_events,
+    ):
+        self.model = VirtioMemModel(geometry, 0)
+        self.host = host
+        self.limits = limits or Limits()
+        self.cgroup = cgroup
+        self.prealloc = prealloc
+        self.publish = publish
+        self.stats = Stats()
+        self.memory: Memory | None = None
+        self._warned_generation: int | None = None
+        self.check_requested_size(requested_size)
+        self.model.set_requested_size(requested_size)
+
+    # --- the engine's Device interface ------------------------------------------
+
+    def set_features(self, features: int) -> None:
+        if not features & vm.Feature.UNPLUGGED_INACCESSIBLE:
+            log.warning("driver did not accept UNPLUGGED_INACCESSIBLE: it may read unplugged memory")
+
+    def read_config(self, offset: int, size: int) -> bytes | None:
+        if offset + size > vm.CONFIG_SIZE:
+            return None
+        return self.model.config().pack()[offset : offset + size]
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        raise PeerError("SET_CONFIG refused: virtio-mem config space is read-only")
+
+    def rings_enabled(self) -> None:
+        self.check_backing()
+
+    def attach(self, memory: Memory | None) -> None:
+        """Borrow the attached front-end's memory (None when it leaves)."""
+        self.memory = memory
+
+    # --- sizes and limits (operator) ---------------------------------------------
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.model.geometry
+
+    @property
+    def plugged_size(self) -> int:
+        return self.model.plugged_size
+
+    @property
+    def requested_size(self) -> int:
+        return self.model.requested_size
+
+    def check_requested_size(self, size: int) -> None:
+        """Raise ConfigError with the reason if ``size`` may not be requested."""
+        self.model.check_requested_size(size)
+        max_ = self.limits.memory_max
+        if max_ is not None and size > max_:
+            raise ConfigError(f"requested size {format_size(size)} is above {MEMORY_MAX} "
+                              f"({format_size(max_)})")
+
+    def resize(self, requested_size: int, *, reason: str = "operator") -> bool:
+        """Set requested_size; True when config space changed (notify the driver)."""
+        self.check_requested_size(requested_size)
+        changed = self.model.set_requested_size(requested_size)
+        m = self.model
+        log.info("requested size set to %s by %s (usable %s, plugged %s)%s",
+                 format_size(requested_size), reason, format_size(m.usable_region_size),
+                 format_size(m.plugged_size), "" if changed else ", unchanged")
+        return changed
+
+    def set_limit(self, name: str, value: int | None) -> bool:
+        """memory.max / memory.high (None: no limit); True when config space changed."""
+        self.limits.set(name, value, self.model.block_size)
+        changed = False
+        if name == MEMORY_MAX and value is not None and self.model.requested_size > value:
+            # The guest is asked to give back what is above the new maximum.
+            changed = self.resize(value, reason=MEMORY_MAX)
+        log.info("%s set to %s", name, "max" if value is None else format_size(value))
+        self.publish("LIMIT_CHANGED", name=name, value=value)
+        if name == MEMORY_HIGH:
+            changed |= self.enforce_memory_high()
+        return changed
+
+    def enforce_memory_high(self) -> bool:
+        """Above memory.high, ask the guest to shrink; never unplug behind its back.
+
+        True when config space changed. Raises OSError if the host cannot be read.
+        """
+        high = self.limits.memory_high
+        if high is None:
+            return False
+        fp = self.footprint()
+        if fp is None or fp.allocated <= high:
+            return False
+        target = min(self.model.requested_size, high - high % self.model.block_size)
+        if target >= self.model.requested_size:
+            return False
+        changed = self.resize(target, reason=MEMORY_HIGH)
+        self.publish("MEMORY_HIGH_EXCEEDED", footprint=fp.allocated, high=high, requested=target)
+        return changed
+
+    # --- accounting ------------------------------------------------------------------
+
+    def footprint(self) -> Footprint | None:
+        """What the host holds for the region; None when it is not shared (yet)."""
+        memory = self.memory
+        g = self.geometry
+        if memory is None:
+            return None
+        try:
+            pieces = memory.backing(g.addr, g.region_size)
+        except GuestMemoryError:
+            return None
+        return footprint(self.model, self.host, pieces)
+
+    def status(self) -> dict[str, Any]:
+        m = self.model
+        g = self.geometry
+        fp = self.footprint()
+        return {
+            "geometry": {"addr": g.addr, "region_size": g.region_size, "block_size": g.block_size,
+                         "node_id": g.node_id},
+            "plugged_size": m.plugged_size,
+            "requested_size": m.requested_size,
+            "usable_region_size": m.usable_region_size,
+            "backed": fp is not None,
+            "limits": self.limits.to_json(),
+            "cgroup": self.cgroup.path if self.cgroup else None,
+            "prealloc": self.prealloc,
+            "host_allocated": fp.allocated if fp else None,
+        }
+
+    def accounting(self) -> dict[str, Any]:
+        fp = self.footprint()
+        return {
+            "plugged_size": self.model.plugged_size,
+            "plugged_ranges": [list(r) for r in self.model.plugged_ranges()],
+            "host_allocated": fp.allocated if fp else None,
+            "allocated_extents": [list(e) for e in fp.extents] if fp else None,
+            "allocated_outside_plugged": fp.outside_plugged if fp else None,
+            "memmap": memmap_estimate(self.model),
+        }
+
+    def limits_report(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.limits.to_json())
+        if self.cgroup is not None:
+            reading = self.cgroup.read()
+            out["cgroup"] = {"path": self.cgroup.path, "version": self.cgroup.version,
+                             "limit": reading.limit, "usage": reading.usage}
+        return out
+
+    # --- backing -----------------------------------------------------------------------
+
+    def device_backing(self, gpa: int, size: int) -> list[Backing] | None:
+        """The fd pieces behind a device range, or None (logged once per table) when unshared."""
+        memory = self.memory
+        try:
+            if memory is None:
+                raise GuestMemoryError("no memory table from the front-end yet")
+            return memory.backing(gpa, size)
+        except GuestMemoryError as exc:
+            generation = memory.generation if memory else None
+            if self._warned_generation != generation:
+                self._warned_generation = generation
+                g = self.geometry
+                log.error("device region %#x+%s is not backed by shared memory from the front-end "
+                          "(%s): plugs are answered BUSY; %s",
+                          g.addr, format_size(g.region_size), exc, MISSING_BACKING_HINT)
+            return None
+
+    def check_backing(self) -> bool:
+        """Logs once per memory table if the region is unshared."""
+        return self.device_backing(self.geometry.addr, self.geometry.region_size) is not None
+
+    # --- guest requests -----------------------------------------------------------------
+
+    def begin(self, data: bytes, writable: int) -> bytes | HostWork:
+        """One request's response, or the host work it needs first.
+
+        A malformed request (short, unknown type, no room for the response)
+        is a driver bug: logged, answered with b"" (returned unused).
+        """
+        started = time.perf_counter()
+        request = self._parse(data, writable)
+        if request is None:
+            return b""
+        decision = self.model.decide(request)
+        if isinstance(decision, Answer):
+            response = decision.response
+            if response.type == ResponseType.NACK:
+                self.stats.nacks_by_reason["requested"] += 1
+            return self._done(request.type, response.pack(), started)
+        if isinstance(decision, Plug):
+            return self._plug(decision, started)
+        if isinstance(decision, Unplug):
+            return self._host_work(decision, False, decision.addr, decision.size, started)
+        g = self.geometry
+        if decision.plugged_size == 0 and self.device_backing(g.addr, g.region_size) is None:
+            return self._commit(decision, started)  # nothing plugged, nothing to give back
+        return self._host_work(decision, False, g.addr, g.region_size, started)
+
+    def finish(self, work: HostWork, error: HostError | None) -> bytes:
+        """The response once the host work ran: ACK and commit, or BUSY."""
+        if error is not None:
+            what = "preallocating" if work.populate else "discarding"
+            log.error("%s %#x+%s failed, answering BUSY: %s", what, work.gpa, format_size(work.size), error)
+            reason = "prealloc-failed" if work.populate else "discard-failed"
+            return self._busy(reason, work.kind, work.gpa, work.size, work.started,
+                              "" if work.populate else str(error))
+        d = work.decision
+        if work.populate:
+            self.stats.bytes_preallocated += work.size
+        else:
+            self.stats.bytes_discarded += d.plugged_size if isinstance(d, UnplugAll) else work.size
+        return self._commit(d, work.started)
+
+    def _parse(self, data: bytes, writable: int) -> MemRequest | None:
+        if len(data) < vm.REQUEST_SIZE:
+            problem = f"request is {len(data)} bytes, shorter than {vm.REQUEST_SIZE}"
+        elif writable < vm.RESPONSE_SIZE:
+            problem = (f"writable space is {writable} bytes, shorter than the "
+                       f"{vm.RESPONSE_SIZE}-byte response")
+        else:
+            request = MemRequest.unpack(data)
+            if request.type in _REQUEST_NAMES:
+                return request
+            problem = f"unknown request type {request.type}"
+        log.error("guest driver bug: %s; returned unused, nothing done", problem)
+        return None
+
+    def _plug(self, decision: Plug, started: float) -> bytes | HostWork:
+        addr, size = decision.addr, decision.size
+        max_ = self.limits.memory_max
+        if max_ is not None and self.model.plugged_size + size > max_:
+            detail = f"would exceed {MEMORY_MAX} {format_size(max_)}"
+            log.info("PLUG %#x+%s NACKed: %s", addr, format_size(size), detail)
+            self.stats.nacks_by_reason[MEMORY_MAX] += 1
+            self.publish("PLUG_NACKED", reason=MEMORY_MAX, detail=detail, addr=addr, size=size)
+            return self._done(RequestType.PLUG, _NACK, started)
+        if self.cgroup is not None:
+            try:
+                problem = self.cgroup.check_headroom(size)
+            except OSError as exc:
+                log.error("cannot read cgroup %s, answering BUSY: %s", self.cgroup.path, exc)
+                return self._busy("cgroup-unreadable", "PLUG", addr, size, started, str(exc))
+            if problem:
+                # BUSY, not NACK: Linux takes a NACK as "config changed" and re-sends the
+                # PLUG at once, spinning while requested_size stays above plugged_size.
+                log.warning("PLUG %#x+%s refused (BUSY): %s", addr, format_size(size), problem)
+                return self._busy("cgroup", "PLUG", addr, size, started, problem)
+        if not self.prealloc:
+            if self.device_backing(addr, size) is None:
+                return self._busy("region-not-shared", "PLUG", addr, size, started)
+            return self._commit(decision, started)
+        return self._host_work(decision, True, addr, size, started)
+
+    def _host_work(self, decision: Plug | Unplug | UnplugAll, populate: bool, gpa: int, size: int,
+                   started: float) -> bytes | HostWork:
+        pieces = self.device_backing(gpa, size)
+        work = HostWork(decision, populate, pieces or [], gpa, size, started)
+        if pieces is None:
+            return self._busy("region-not-shared", work.kind, gpa, size, started)
+        return work
+
+    def _commit(self, decision: Plug | Unplug | UnplugAll, started: float) -> bytes:
+        response = self.model.commit(decision).pack()
+        kind = (RequestType.PLUG if isinstance(decision, Plug) else RequestType.UNPLUG
+                if isinstance(decision, Unplug) else RequestType.UNPLUG_ALL)
+        m = self.model
+        if m.plugged_size == m.requested_size:
+            self.publish("REQUESTED_REACHED", plugged=m.plugged_size)
+        return self._done(kind, response, started)
+
+    def _busy(self, reason: str, kind: str, gpa: int, size: int, started: float,
+              detail: str = "") -> bytes:
+        self.stats.busy_by_reason[reason] += 1
+        self.publish("BUSY", request=kind, reason=reason, detail=detail, addr=gpa, size=size)
+        return self._done(RequestType[kind], _BUSY, started)
+
+    def _done(self, kind: int, response: bytes, started: float) -> bytes:
+        self.stats.record(_REQUEST_NAMES[kind], _RESPONSE_NAMES[response[0]],
+                          time.perf_counter() - started)
+        return response
+
