@@ -242,7 +242,7 @@ class Daemon:
         self._log.close()
         self._dir.cleanup()
 
-    def __enter__(self) -> "Daemon":
+    def __enter__(self) -> Daemon:
         return self
 
     def __exit__(self, *exc) -> None:

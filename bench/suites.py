@@ -7,8 +7,8 @@ median of the per-pair ratios, so load from other tenants hits both sides.
 
 from __future__ import annotations
 
-import glob
 import gc
+import glob
 import json
 import os
 import socket
@@ -23,8 +23,22 @@ import trio
 from vmemdev.host import native
 
 from . import client as C
-from .common import (BLOCK, BenchError, Daemon, GiB, Helper, MiB, TiB, lat_summary, mem_available, median,
-                     populate_checked, proc_status, spawn_echo, stop_process)
+from .common import (
+    BLOCK,
+    BenchError,
+    Daemon,
+    GiB,
+    Helper,
+    MiB,
+    TiB,
+    lat_summary,
+    median,
+    mem_available,
+    populate_checked,
+    proc_status,
+    spawn_echo,
+    stop_process,
+)
 
 REQ_BLOCKS = 64  # what the Linux driver sends: one 128 MiB memory block per request
 REQ_BYTES = REQ_BLOCKS * BLOCK

@@ -128,7 +128,7 @@ def mem_requests(data: bytes) -> None:
             try:
                 device.set_requested_size((chunk[3] % 65) * device.block_size)
             except ConfigError:
-                raise AssertionError("aligned sizes within the region must be accepted")
+                raise AssertionError("aligned sizes within the region must be accepted") from None
         if request.type not in RequestType._value2member_map_:
             continue
         # Keep addresses near the region so the interesting cases are reached.

@@ -9,10 +9,10 @@ import pytest
 import trio
 
 from vmemdev.daemon.control_server import ControlServer
-from vmemdev.virtio_mem.model import Geometry
-from vmemdev.daemon.vhost_server import serve
 from vmemdev.daemon.runtime import DeviceRuntime
+from vmemdev.daemon.vhost_server import serve
 from vmemdev.testing.frontend import Frontend
+from vmemdev.virtio_mem.model import Geometry
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import trio
 
 from vmemdev.protocol import vhost_user as vu
 from vmemdev.protocol import virtio_mem as vm
 from vmemdev.protocol.vhost_user import Request
 from vmemdev.testing.frontend import Frontend
-
-import pytest
 
 from .capture import ALL_CAPTURES, load
 from .conftest import attach, start_daemon

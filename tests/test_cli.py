@@ -12,8 +12,8 @@ import time
 import pytest
 import trio
 
-from vmemdev.sizes import parse_size, format_size
 from vmemdev.errors import ConfigError
+from vmemdev.sizes import format_size, parse_size
 from vmemdev.testing.frontend import Frontend
 
 VMEMDEV = [sys.executable, "-m", "vmemdev"]

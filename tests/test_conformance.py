@@ -13,8 +13,8 @@ import struct
 import pytest
 import trio
 
-from vmemdev.host import native
 from vmemdev.errors import ConfigError
+from vmemdev.host import native
 from vmemdev.protocol import vhost_user as vu
 from vmemdev.protocol.virtio_mem import (
     CONFIG_SIZE,
@@ -25,7 +25,7 @@ from vmemdev.protocol.virtio_mem import (
 )
 from vmemdev.testing.frontend import Frontend
 
-from .conftest import GiB, MiB, A, B, R, attach, settle, start_daemon
+from .conftest import A, B, GiB, MiB, R, attach, settle, start_daemon
 
 ACK, NACK, BUSY, ERROR = (ResponseType.ACK, ResponseType.NACK, ResponseType.BUSY, ResponseType.ERROR)
 PLUGGED, UNPLUGGED, MIXED = BlockState.PLUGGED, BlockState.UNPLUGGED, BlockState.MIXED

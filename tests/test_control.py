@@ -13,12 +13,12 @@ import tempfile
 import pytest
 import trio
 
-from vmemdev.host import native
 from vmemdev.client import AsyncClient, ControlError
+from vmemdev.host import native
 from vmemdev.protocol.virtio_mem import ResponseType
 from vmemdev.testing.guest import SimulatedLinuxGuest
 
-from .conftest import MiB, A, B, R, attach, settle, start_daemon
+from .conftest import A, B, MiB, R, attach, settle, start_daemon
 
 ACK, NACK, BUSY = ResponseType.ACK, ResponseType.NACK, ResponseType.BUSY
 

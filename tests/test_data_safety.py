@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from vmemdev.host import native
-from vmemdev.virtio_mem.model import Geometry
 from vmemdev.errors import ConfigError
+from vmemdev.host import native
 from vmemdev.protocol import vhost_user as vu
 from vmemdev.protocol.virtio_mem import BlockState, ResponseType
+from vmemdev.virtio_mem.model import Geometry
 
 from .threaded import ThreadedDevice
 

@@ -9,10 +9,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from vmemdev.virtio_mem.bitmap import BlockBitmap
-from vmemdev.virtio_mem.model import Answer, Geometry, Plug, Unplug, UnplugAll, VirtioMemModel
 from vmemdev.errors import ConfigError
 from vmemdev.protocol.virtio_mem import BlockState, MemRequest, RequestType, ResponseType
+from vmemdev.virtio_mem.bitmap import BlockBitmap
+from vmemdev.virtio_mem.model import Answer, Geometry, Plug, Unplug, UnplugAll, VirtioMemModel
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 B = 2 * MiB

@@ -8,13 +8,13 @@ import signal
 import pytest
 import trio
 
+from vmemdev.errors import NativeError
 from vmemdev.host import native
 from vmemdev.protocol.virtio_mem import MemRequest, MemResponse, RequestType, ResponseType
 from vmemdev.protocol.virtqueue import DESC_F_NEXT, DESC_F_WRITE
-from vmemdev.errors import NativeError
 from vmemdev.testing.frontend import Frontend
 
-from .conftest import MiB, A, B, attach, start_daemon
+from .conftest import A, B, MiB, attach, start_daemon
 from .test_ctl_cli import Daemon
 
 GiB = 1 << 30
@@ -48,7 +48,7 @@ async def test_front_end_vanishing_at_every_handshake_boundary(nursery, tmp_path
         sent = 0
         original = fe.send_raw
 
-        async def send_raw(data, fds=(), original=original):
+        async def send_raw(data, fds=(), original=original, cut=cut):
             nonlocal sent
             if sent == cut:
                 raise Vanish

@@ -66,10 +66,10 @@ import os  # noqa: E402
 
 import trio  # noqa: E402
 
-from vmemdev.virtio_mem.model import Geometry  # noqa: E402
-from vmemdev.protocol import vhost_user as vu  # noqa: E402
-from vmemdev.daemon.vhost_wire import ConnectionClosed  # noqa: E402
 from vmemdev.daemon.runtime import DeviceRuntime  # noqa: E402
+from vmemdev.daemon.vhost_wire import ConnectionClosed  # noqa: E402
+from vmemdev.protocol import vhost_user as vu  # noqa: E402
+from vmemdev.virtio_mem.model import Geometry  # noqa: E402
 
 _KNOWN = [int(r) for r in vu.Request]
 message = st.tuples(

@@ -19,7 +19,7 @@ from vmemdev.protocol.virtio_mem import MemRequest, RequestType, ResponseType
 from vmemdev.protocol.virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
 from vmemdev.testing.frontend import Frontend
 
-from .conftest import MiB, A, B, attach, settle
+from .conftest import A, B, MiB, attach, settle
 
 
 def open_fds() -> int:

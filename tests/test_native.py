@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vmemdev.host import native
 from vmemdev.errors import NativeError
+from vmemdev.host import native
 from vmemdev.host.interface import Backing
 from vmemdev.host.system import SystemHost
 

@@ -9,7 +9,7 @@ from vmemdev.protocol.vhost_user import Request
 from vmemdev.protocol.virtio_mem import MemRequest, RequestType, ResponseType
 from vmemdev.testing.guest import SimulatedLinuxGuest
 
-from .conftest import MiB, A, B, attach, settle
+from .conftest import A, B, MiB, attach, settle
 
 ACK, BUSY = ResponseType.ACK, ResponseType.BUSY
 

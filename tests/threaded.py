@@ -10,10 +10,10 @@ import threading
 
 import trio
 
-from vmemdev.virtio_mem.model import Geometry
-from vmemdev.daemon.vhost_server import serve
 from vmemdev.daemon.runtime import DeviceRuntime
+from vmemdev.daemon.vhost_server import serve
 from vmemdev.testing.frontend import Frontend
+from vmemdev.virtio_mem.model import Geometry
 
 
 class ThreadedDevice:

@@ -16,10 +16,13 @@ import socket
 
 import trio
 
-from .errors import VmemdevError
+from .closing import Closing
+from .errors import OperatorError, PeerError
 
 
-class ControlError(VmemdevError):
+class ControlError(OperatorError):
+    """The daemon refused a control command (QMP-style class and description)."""
+
     def __init__(self, cls: str, desc: str):
         self.cls = cls
         self.desc = desc
@@ -28,7 +31,7 @@ class ControlError(VmemdevError):
 
 def _check_greeting(obj: dict) -> dict:
     if "vmemdev" not in obj:
-        raise VmemdevError(f"not a vmemdev control socket (greeting {obj!r})")
+        raise PeerError(f"not a vmemdev control socket (greeting {obj!r})")
     return obj["vmemdev"]
 
 
@@ -38,7 +41,7 @@ def _result(obj: dict):
     return obj["return"]
 
 
-class Client:
+class Client(Closing):
     def __init__(self, path: str, timeout: float | None = 10.0):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
@@ -46,7 +49,7 @@ class Client:
             self.sock.connect(path)
         except OSError as exc:
             self.sock.close()
-            raise VmemdevError(f"cannot connect to the control socket {path}: {exc}") from exc
+            raise OperatorError(f"cannot connect to the control socket {path}: {exc}") from exc
         self._file = self.sock.makefile("rb")
         self.pending_events: collections.deque[dict] = collections.deque()
         self.greeting = _check_greeting(self._read())
@@ -55,7 +58,7 @@ class Client:
     def _read(self) -> dict:
         line = self._file.readline()
         if not line:
-            raise VmemdevError("the daemon closed the control connection")
+            raise PeerError("the daemon closed the control connection")
         return json.loads(line)
 
     def execute(self, command: str, **arguments):
@@ -84,12 +87,6 @@ class Client:
         self._file.close()
         self.sock.close()
 
-    def __enter__(self) -> "Client":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 class AsyncClient:
     """The same protocol for Trio programs and tests."""
@@ -102,7 +99,7 @@ class AsyncClient:
         self.greeting: dict = {}
 
     @classmethod
-    async def connect(cls, path: str) -> "AsyncClient":
+    async def connect(cls, path: str) -> AsyncClient:
         client = cls(await trio.open_unix_socket(path))
         client.greeting = _check_greeting(await client._read())
         return client
@@ -111,7 +108,7 @@ class AsyncClient:
         while b"\n" not in self._buffer:
             chunk = await self.stream.receive_some(65536)
             if not chunk:
-                raise VmemdevError("the daemon closed the control connection")
+                raise PeerError("the daemon closed the control connection")
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         return json.loads(line)

@@ -56,7 +56,7 @@ def guestlab_info():
                     f"(chroot, mount namespaces) and needs root", pytrace=False)
     try:
         info = harness.guestlab_info()
-    except Exception as exc:  # noqa: BLE001 - any reason is reported
+    except Exception as exc:
         pytest.fail(f"{ENV}=1 but the guestlab is not usable: {exc}\n"
                     f"set it up with: scripts/guestlab provision", pytrace=False)
     if info.get("up_to_date") is False:

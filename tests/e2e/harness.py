@@ -250,7 +250,7 @@ class Daemon:
 class VmemdevDevice:
     kind = "vmemdev"
 
-    def __init__(self, lab: "Lab", requested: int, daemon_args: tuple[str, ...]):
+    def __init__(self, lab: Lab, requested: int, daemon_args: tuple[str, ...]):
         self.lab = lab
         self.mem_path = lab.shm_file("hp0.mem")
         self.daemon = Daemon(lab.workdir, requested=str(requested), extra=daemon_args)
@@ -300,7 +300,7 @@ class BuiltinDevice:
     kind = "qemu"
     PATH = "/machine/peripheral/vmem0"
 
-    def __init__(self, lab: "Lab", requested: int):
+    def __init__(self, lab: Lab, requested: int):
         self.lab = lab
         self.requested = requested
         self.mem_path = lab.shm_file("vm0.mem")
@@ -374,7 +374,7 @@ class Lab:
                 try:  # bounded: the agent may be what is broken
                     st, out = self.guest.run("dmesg | tail -n 25", timeout=10)
                     parts.append("--- guest dmesg (tail) ---\n" + out.rstrip())
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     parts.append(f"--- guest dmesg: not available ({str(exc).splitlines()[0]})")
                 finally:
                     self._in_context = False

@@ -48,14 +48,12 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import functools
 import json
 import logging
 import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -69,10 +67,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "e2e" / "guest"))
 import smoke  # noqa: E402  (tests/e2e/guest/smoke.py)
 
-from vmemdev.virtio_mem.model import Geometry  # noqa: E402
-from vmemdev.protocol import vhost_user as vu  # noqa: E402
-from vmemdev.daemon.vhost_server import serve  # noqa: E402
 from vmemdev.daemon.runtime import DeviceRuntime  # noqa: E402
+from vmemdev.daemon.vhost_server import serve  # noqa: E402
+from vmemdev.protocol import vhost_user as vu  # noqa: E402
+from vmemdev.virtio_mem.model import Geometry  # noqa: E402
 
 MiB = 1 << 20
 REGION_ADDR = 0x1_0000_0000
@@ -455,7 +453,7 @@ class Scenario:
         with contextlib.suppress(OSError):
             lines.append(Path(f"/proc/{pid}/status").read_text())
         for task in sorted(Path(f"/proc/{pid}/task").iterdir(), key=lambda p: int(p.name)):
-            def rd(name):
+            def rd(name, task=task):
                 try:
                     return (task / name).read_text().strip()
                 except OSError as e:

@@ -28,8 +28,20 @@ import uuid
 
 import pytest
 
-from .harness import (BLOCK_SIZE, LINUX_MEMORY_BLOCK, OBSERVED, STEP_TIMEOUT, GiB, KiB, MiB,
-                      allocated, mib, note, record, smoke)
+from .harness import (
+    BLOCK_SIZE,
+    LINUX_MEMORY_BLOCK,
+    OBSERVED,
+    STEP_TIMEOUT,
+    GiB,
+    KiB,
+    MiB,
+    allocated,
+    mib,
+    note,
+    record,
+    smoke,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -349,7 +361,7 @@ def test_e_reboot_with_memory_plugged(lab, kind):
     g.serial.send("RUN reboot0 reboot -f")
     try:
         g.wait_ready(120)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         lab.fail(f"the guest did not come back from reboot -f: {exc}")
     lab.boots += 1
     record(sc, "reboot -f -> agent ready again", kind, time.monotonic() - t0)

@@ -15,6 +15,7 @@ import time
 
 from ..client import Client, ControlError
 from ..errors import VmemdevError
+from ..protocol.control import LIMIT_NAMES
 from ..sizes import format_size
 
 RUN_DIR = "/run/vmemdev"
@@ -38,6 +39,10 @@ def size_or_dash(n) -> str:
     return "-" if n is None else format_size(n)
 
 
+def limit_value(value: int | None) -> str:
+    return "max" if value is None else format_size(value)
+
+
 def human_status(s: dict) -> str:
     g = s["geometry"]
     lim = s["limits"]
@@ -48,8 +53,7 @@ def human_status(s: dict) -> str:
         f"usable      {format_size(s['usable_region_size'])}",
         f"front-end   {s['frontend']}{'' if s['backed'] or s['frontend'] != 'attached' else ' (device region NOT shared: plugs answer BUSY)'}",
         f"host alloc  {size_or_dash(s['host_allocated'])}",
-        f"limits      memory.max {size_or_dash(lim['memory.max']) if lim['memory.max'] is not None else 'max'}, "
-        f"memory.high {size_or_dash(lim['memory.high']) if lim['memory.high'] is not None else 'max'}",
+        "limits      " + ", ".join(f"{name} {limit_value(lim[name])}" for name in LIMIT_NAMES),
     ]
     if s.get("cgroup"):
         lines.append(f"cgroup      {s['cgroup']}")
@@ -92,8 +96,7 @@ def human_accounting(a: dict) -> str:
 
 
 def human_limits(lim: dict) -> str:
-    out = [f"memory.max   {'max' if lim['memory.max'] is None else format_size(lim['memory.max'])}",
-           f"memory.high  {'max' if lim['memory.high'] is None else format_size(lim['memory.high'])}"]
+    out = [f"{name:<12} {limit_value(lim[name])}" for name in LIMIT_NAMES]
     if "cgroup" in lim:
         c = lim["cgroup"]
         out.append(f"cgroup       {c['path']} (v{c['version']}): usage {format_size(c['usage'])}, "

@@ -18,8 +18,8 @@ import trio
 
 from ..client import AsyncClient
 from ..daemon.control_server import ControlServer
-from ..daemon.vhost_server import serve
 from ..daemon.runtime import DeviceRuntime
+from ..daemon.vhost_server import serve
 from ..sizes import format_size
 from ..testing.frontend import Frontend
 from ..testing.guest import SimulatedLinuxGuest

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 import trio
 
@@ -19,7 +20,7 @@ from ..errors import ConfigError, VmemdevError
 from ..sizes import parse_size
 from ..vhost.engine import OFFERED_PROTOCOL_FEATURES, TRANSPORT_FEATURES
 from ..virtio_mem.device import VirtioMem
-from ..virtio_mem.limits import LIMIT_NAMES, Limits
+from ..virtio_mem.limits import LIMIT_NAMES, MEMORY_HIGH, MEMORY_MAX, Limits
 from ..virtio_mem.model import Geometry, check_block_multiple
 
 DEFAULT_REGION_ADDR = 0x1_0000_0000
@@ -88,7 +89,7 @@ class Parser(argparse.ArgumentParser):
 
 def _logging_options(p: argparse.ArgumentParser, defaults: bool) -> None:
     """Accepted before or after the command; the command's copy only overrides."""
-    keep = {} if defaults else {"default": argparse.SUPPRESS}
+    keep: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="default: info for serve, warning for demo", **({"default": None} | keep))
     p.add_argument("--log-format", choices=["text", "json"],
@@ -133,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "with --fd, $RUNTIME_DIRECTORY/vmemdev.ctl if set); 'none' disables it")
     serve.add_argument("--control-group", metavar="GROUP",
                        help="let members of GROUP use the control socket (mode 0660)")
-    serve.add_argument("--memory-max", type=_limit_arg("memory.max"), default=None,
+    serve.add_argument("--memory-max", type=_limit_arg(MEMORY_MAX), default=None,
                        help="never let plugged memory exceed this (SIZE or 'max')")
-    serve.add_argument("--memory-high", type=_limit_arg("memory.high"), default=None,
+    serve.add_argument("--memory-high", type=_limit_arg(MEMORY_HIGH), default=None,
                        help="ask the guest to shrink when the host footprint exceeds this")
     serve.add_argument("--cgroup", metavar="PATH",
                        help="the VM's memory cgroup (v1 or v2): plugs need headroom in it")
@@ -156,10 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     resize.add_argument("--stall", type=float, default=60.0,
                         help="fail when plugged has not moved for S seconds (60)")
     setp = cmds.add_parser("set", help="set a limit: memory.max or memory.high, SIZE or 'max'")
-    setp.add_argument("name", choices=["memory.max", "memory.high"])
+    setp.add_argument("name", choices=LIMIT_NAMES)
     setp.add_argument("value")
     get = cmds.add_parser("get", help="show one limit (or all)")
-    get.add_argument("name", nargs="?", choices=["memory.max", "memory.high"])
+    get.add_argument("name", nargs="?", choices=LIMIT_NAMES)
     cmds.add_parser("limits", help="limits and the cgroup's usage")
     cmds.add_parser("stats", help="request counters, latency, bytes discarded/preallocated")
     cmds.add_parser("accounting", help="plugged vs host-allocated, memmap estimate")

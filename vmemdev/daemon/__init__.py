@@ -1,0 +1,1 @@
+"""The Trio shell: sockets, fds, tasks, signals and systemd (see ARCHITECTURE.md)."""

@@ -21,9 +21,9 @@ import struct
 import trio
 
 from .. import __version__
-from . import commands as control
 from ..errors import VmemdevError
 from ..protocol import control as proto
+from . import commands as control
 from .runtime import DeviceRuntime
 from .sockets import accept, bind_unix_listener, send_all
 
@@ -75,7 +75,7 @@ class ControlServer:
             return None
         if self.gid is not None and (gid == self.gid or self.gid in peer_groups(pid)):
             return None
-        who = "root or uid %d" % os.getuid()
+        who = f"root or uid {os.getuid()}"
         if self.gid is not None:
             who += f" or group {self.gid}"
         return f"pid {pid} uid {uid} gid {gid} is not {who}"

@@ -35,7 +35,7 @@ class Event:
 
 
 class Subscription:
-    def __init__(self, bus: "EventBus", limit: int):
+    def __init__(self, bus: EventBus, limit: int):
         self._bus = bus
         self._limit = limit
         self.queue: collections.deque[Event] = collections.deque()

@@ -66,7 +66,8 @@ class DeviceRuntime:
         # cancellation can land, so the model and the host never diverge.
         with trio.CancelScope(shield=True):
             error = await trio.to_thread.run_sync(step.run, self.host, abandon_on_cancel=False)
-            return self.device.finish(step, error)
+            response = self.device.finish(step, error)
+        return response
 
     # --- operator API (control socket) ----------------------------------------------
 

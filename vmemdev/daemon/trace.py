@@ -18,7 +18,7 @@ class Tracer:
         self._stream = stream
 
     @classmethod
-    def open(cls, path: str) -> "Tracer":
+    def open(cls, path: str) -> Tracer:
         return cls(open(path, "a", buffering=1, encoding="utf-8"))
 
     def record(self, frontend: bool, request: int, flags: int, payload: bytes, nfds: int,

@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from ..errors import VmemdevError
+from ..errors import ConfigError, VmemdevError
 from ..sizes import format_size
 from . import systemd
 from .connection import FrontendConnection
@@ -33,6 +33,11 @@ from .sockets import accept, bind_unix_listener
 from .trace import Tracer
 
 log = logging.getLogger(__name__)
+
+
+def _unlink_if_present(path: str) -> None:
+    if os.path.exists(path):
+        os.unlink(path)
 
 
 def _leaves(group: BaseException) -> Iterator[BaseException]:
@@ -119,12 +124,13 @@ async def serve(
         if listen_fd is not None:
             listener = trio.socket.from_stdlib_socket(socket.socket(fileno=listen_fd))
             where = f"fd {listen_fd}"
-        else:
+        elif socket_path is not None:
             listener = await bind_unix_listener(socket_path)
             where = socket_path
+            stack.callback(_unlink_if_present, socket_path)
+        else:
+            raise ConfigError("serve needs a socket path or a listening fd")
         stack.callback(listener.close)
-        if listen_fd is None:
-            stack.callback(lambda: os.path.exists(socket_path) and os.unlink(socket_path))
         g = runtime.geometry
         log.info(
             "serving virtio-mem on %s: region %#x+%#x, block %#x, requested %#x",

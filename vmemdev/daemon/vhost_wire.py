@@ -11,7 +11,6 @@ import array
 import os
 import socket
 from collections.abc import Iterable
-from typing import Any
 
 import trio
 

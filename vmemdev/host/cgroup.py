@@ -15,6 +15,7 @@ the device answers BUSY instead (the driver retries on a timer).
 from __future__ import annotations
 
 import os
+
 from ..errors import ConfigError
 from .interface import CgroupReading
 
@@ -61,8 +62,7 @@ class Cgroup:
             usage = stat.get("total_rss", stat.get("rss", 0)) + stat.get("total_cache", stat.get("cache", 0))
             return CgroupReading(None if limit >= V1_UNLIMITED else limit, usage)
         raw = self._file("memory.max").strip()
-        limit = None if raw == "max" else int(raw)
-        return CgroupReading(limit, int(self._file("memory.current")))
+        return CgroupReading(None if raw == "max" else int(raw), int(self._file("memory.current")))
 
     def check_headroom(self, size: int) -> str | None:
         """None if ``size`` more bytes fit; otherwise the reason, for the log and the BUSY."""

@@ -11,18 +11,36 @@ stop a region from being unmapped.
 
 from __future__ import annotations
 
+import abc
 import bisect
 import logging
 import mmap
 import os
 import stat
 
-from . import native
 from ..errors import GuestMemoryError, PeerError
-from .interface import Backing
 from ..protocol.vhost_user import MemoryRegion
+from . import native
+from .interface import Backing
 
 log = logging.getLogger(__name__)
+
+
+class GpaAccess(abc.ABC):
+    """Reads and writes of guest-physical ranges through ``gpa_area``."""
+
+    @abc.abstractmethod
+    def gpa_area(self, gpa: int, length: int) -> tuple[mmap.mmap, int]:
+        """(mapping, offset) of [gpa, gpa + length); raises if it is not mapped."""
+
+    def read(self, gpa: int, length: int) -> bytes:
+        mm, off = self.gpa_area(gpa, length)
+        return mm[off : off + length]
+
+    def write(self, gpa: int, data: bytes) -> None:
+        mm, off = self.gpa_area(gpa, len(data))
+        mm[off : off + len(data)] = data
+
 
 class MappedRegion:
     def __init__(self, desc: MemoryRegion, fd: int):
@@ -85,7 +103,7 @@ class MappedRegion:
         return f"<region gpa={self.gpa:#x} size={self.size:#x} fd={self.fd}>"
 
 
-class GuestMemory:
+class GuestMemory(GpaAccess):
     """The set of regions currently shared by the front-end."""
 
     def __init__(self, max_regions: int):
@@ -191,14 +209,6 @@ class GuestMemory:
         raise GuestMemoryError(
             f"front-end address range {uaddr:#x}+{length:#x} is not inside one shared region"
         )
-
-    def read(self, gpa: int, length: int) -> bytes:
-        mm, off = self.gpa_area(gpa, length)
-        return mm[off : off + length]
-
-    def write(self, gpa: int, data: bytes) -> None:
-        mm, off = self.gpa_area(gpa, len(data))
-        mm[off : off + len(data)] = data
 
     def backing(self, gpa: int, length: int) -> list[Backing]:
         """The fd pieces behind [gpa, gpa + length); raises if any part is unshared."""

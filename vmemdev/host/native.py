@@ -27,9 +27,8 @@ import threading
 from collections.abc import Iterable, Iterator
 from errno import E2BIG
 
-from ._native import ffi
-from ._native import lib
 from ..errors import NativeError
+from ._native import ffi, lib
 
 __all__ = [
     "PAGE_SIZE",
@@ -202,7 +201,7 @@ def allocated_bytes(fd: int) -> int:
     """Bytes the file really holds (st_blocks × 512): the ground truth."""
     rc = lib.vmem_allocated_bytes(fd)
     _raise_if_failed("fstat", rc, 0, 0)
-    return rc
+    return int(rc)
 
 
 def data_extents(fd: int, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
@@ -241,10 +240,10 @@ def resident_pages(addr: int, length: int) -> int:
     addr, length = _addr_range(addr, length, whole_pages=False)
     out = ffi.new("uint64_t *")
     _raise_if_failed("mincore", lib.vmem_mincore_resident(addr, length, out), addr, length)
-    return out[0]
+    return int(out[0])
 
 
-def buffer_address(buf) -> int:
+def buffer_address(buf: mmap.mmap | bytearray) -> int:
     """Address of a writable buffer such as an ``mmap.mmap``.
 
     The buffer export is released before returning, so the mmap can still be

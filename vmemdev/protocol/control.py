@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ConfigError, OperatorError
 from ..sizes import parse_size
@@ -49,7 +50,7 @@ LIMIT_NAMES = ("memory.max", "memory.high")
 class CommandError(OperatorError):
     """An error answered to the client: QMP-style class and description."""
 
-    def __init__(self, cls: str, desc: str, ident=None):
+    def __init__(self, cls: str, desc: str, ident: object = None):
         self.cls = cls
         self.desc = desc
         self.id = ident
@@ -59,11 +60,11 @@ class CommandError(OperatorError):
 @dataclass(frozen=True)
 class Command:
     name: str
-    arguments: dict
+    arguments: dict[str, Any]
     id: object = None
 
 
-def _convert(name: str, kind: str, value):
+def _convert(name: str, kind: str, value: Any) -> Any:
     try:
         if kind == "size":
             if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -124,7 +125,7 @@ def parse_command(line: bytes) -> Command:
         raise
 
 
-def _line(obj: dict) -> bytes:
+def _line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
@@ -133,19 +134,19 @@ def greeting(version: str) -> bytes:
                               "capabilities": ["events"]}})
 
 
-def encode_return(value, ident=None) -> bytes:
-    out = {"return": value}
+def encode_return(value: Any, ident: object = None) -> bytes:
+    out: dict[str, Any] = {"return": value}
     if ident is not None:
         out["id"] = ident
     return _line(out)
 
 
-def encode_error(cls: str, desc: str, ident=None) -> bytes:
-    out = {"error": {"class": cls, "desc": desc}}
+def encode_error(cls: str, desc: str, ident: object = None) -> bytes:
+    out: dict[str, Any] = {"error": {"class": cls, "desc": desc}}
     if ident is not None:
         out["id"] = ident
     return _line(out)
 
 
-def encode_event(event_json: dict) -> bytes:
+def encode_event(event_json: dict[str, Any]) -> bytes:
     return _line(event_json)

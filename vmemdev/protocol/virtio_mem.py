@@ -104,7 +104,7 @@ class Config:
         )
 
     @classmethod
-    def unpack(cls, data: bytes) -> "Config":
+    def unpack(cls, data: bytes) -> Config:
         return cls(*CONFIG.unpack_from(data))
 
 
@@ -115,7 +115,7 @@ class MemRequest:
     nb_blocks: int
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview) -> "MemRequest":
+    def unpack(cls, data: bytes | memoryview) -> MemRequest:
         return cls(*REQUEST.unpack_from(data))
 
     def pack(self) -> bytes:
@@ -131,5 +131,5 @@ class MemResponse:
         return RESPONSE.pack(self.type, self.state)
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview) -> "MemResponse":
+    def unpack(cls, data: bytes | memoryview) -> MemResponse:
         return cls(*RESPONSE.unpack_from(data))

@@ -20,9 +20,10 @@ the virtio memory model requires of the device here.
 
 from __future__ import annotations
 
+import mmap
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import construct as cs
 
@@ -88,7 +89,7 @@ class ChainError(PeerError):
         super().__init__(f"descriptor chain at head {head}: {reason}")
 
 
-Area = tuple[object, int]  # (buffer supporting the buffer protocol, offset)
+Area = tuple[mmap.mmap | bytearray | memoryview, int]  # (shared buffer, offset)
 
 
 class SplitQueue:
@@ -114,7 +115,8 @@ class SplitQueue:
         self.used_idx = (self.last_avail_idx if used_idx is None else used_idx) & 0xFFFF
 
     def avail_idx(self) -> int:
-        return U16.unpack_from(self._avail_buf, self._avail_off + 2)[0]
+        idx: int = U16.unpack_from(self._avail_buf, self._avail_off + 2)[0]
+        return idx
 
     def pending(self) -> int:
         """How many chains the driver has made available that we have not taken."""
@@ -131,7 +133,7 @@ class SplitQueue:
         if not self.pending():
             return None
         slot = self.last_avail_idx % self.num
-        (head,) = U16.unpack_from(self._avail_buf, self._avail_off + 4 + 2 * slot)
+        head: int = U16.unpack_from(self._avail_buf, self._avail_off + 4 + 2 * slot)[0]
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if head >= self.num:
             raise RingBroken(f"avail ring slot {slot} names head {head} >= queue size {self.num}")

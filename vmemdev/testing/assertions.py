@@ -1,4 +1,4 @@
-"""Assertions for the host-memory accounting invariants (shared/docs/host-memory.md).
+"""Assertions for the host-memory accounting invariants (README, "Accounting").
 
 Each raises AssertionError with the numbers that broke it.
 """

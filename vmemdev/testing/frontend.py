@@ -4,7 +4,7 @@
 num_vqs=1,config_size=56`` and the guest's side of the virtqueue. Message
 order, flags, NEED_REPLY use and fd passing follow a recorded QEMU 11.1.3
 conversation (tests/data/qemu-11.1.3-linux-7.2-virtio-mem.jsonl, checked by
-tests/test_frontend_matches_capture.py). Guest RAM is memfd-backed and
+test_frontend_driver_speaks_like_qemu in tests/test_capture_replay.py). Guest RAM is memfd-backed and
 shared exactly as ``memory-backend-memfd,share=on`` plus a ``pc-dimm`` would
 share it: three regions, RAM below 640 KiB, RAM from 768 KiB, the DIMM.
 
@@ -19,11 +19,14 @@ import array
 import mmap
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
 
+from ..errors import PeerError
 from ..host import probes
+from ..host.memory import GpaAccess
 from ..protocol import vhost_user as vu
 from ..protocol import virtio_mem as vm
 from ..protocol.vhost_user import MemoryRegion, ProtocolFeature, Request
@@ -38,7 +41,7 @@ LOW_RAM_END = 0xA0000  # 640 KiB: the VGA hole follows, as on a PC
 HIGH_RAM_START = 0xC0000
 
 
-class FrontendError(Exception):
+class FrontendError(PeerError):
     """The back-end answered something QEMU would reject."""
 
 
@@ -63,7 +66,7 @@ class SharedRegion:
         return MemoryRegion(self.gpa, self.size, self.base + self.file_offset, self.file_offset)
 
 
-class GuestRam:
+class GuestRam(GpaAccess):
     """memfd-backed guest RAM plus the device region's DIMM."""
 
     def __init__(self, ram_size: int, device_addr: int, device_size: int, dimm: bool = True):
@@ -75,7 +78,7 @@ class GuestRam:
                 HIGH_RAM_START, ram_size - HIGH_RAM_START, self.ram_fd, HIGH_RAM_START, self.ram, ram_base
             ),
         ]
-        self.dimm_fd = None
+        self.dimm_fd: int | None = None
         if dimm:
             self.dimm_fd, self.dimm = _memfd("dimm0", device_size)
             self.regions.append(
@@ -88,19 +91,17 @@ class GuestRam:
         self._next = gpa + size
         return gpa
 
-    def _locate(self, gpa: int, length: int) -> tuple[mmap.mmap, int]:
+    def gpa_area(self, gpa: int, length: int) -> tuple[mmap.mmap, int]:
         for r in self.regions:
             if r.gpa <= gpa and gpa + length <= r.gpa + r.size:
                 return r.mm, r.file_offset + gpa - r.gpa
         raise ValueError(f"gpa {gpa:#x}+{length:#x} is not guest RAM")
 
-    def read(self, gpa: int, length: int) -> bytes:
-        mm, off = self._locate(gpa, length)
-        return mm[off : off + length]
-
-    def write(self, gpa: int, data: bytes) -> None:
-        mm, off = self._locate(gpa, len(data))
-        mm[off : off + len(data)] = data
+    def dimm_file(self) -> int:
+        """The device region's fd (QEMU's memory-backend file)."""
+        if self.dimm_fd is None:
+            raise FrontendError("this front-end has no DIMM at the device address")
+        return self.dimm_fd
 
     def uaddr(self, gpa: int) -> int:
         for r in self.regions:
@@ -181,7 +182,7 @@ class Frontend:
         self.memory_sent = False
         self._config_event = trio.Event()
         self._backend_channel: socket.socket | None = None
-        self._backend_watch_sock = None
+        self._backend_watch_sock: trio.socket.SocketType | None = None
         self.log: list[tuple[str, int, int, bytes, int]] = []  # (dir, request, flags, payload, nfds)
 
     # --- raw messages --------------------------------------------------------
@@ -190,16 +191,22 @@ class Frontend:
         self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         await self.sock.connect(self.socket_path)
 
-    async def send_raw(self, data: bytes, fds: list[int] = ()) -> None:
+    @property
+    def _sock(self) -> trio.socket.SocketType:
+        if self.sock is None:
+            raise FrontendError("not connected")
+        return self.sock
+
+    async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        sent = await self.sock.sendmsg([data], anc)
+        sent = await self._sock.sendmsg([data], anc)
         if sent < len(data):
-            await self.sock.send(data[sent:])  # only the first chunk carries the fds
+            await self._sock.send(data[sent:])  # only the first chunk carries the fds
 
     async def recv_exact(self, n: int) -> bytes:
         data = b""
         while len(data) < n:
-            chunk = await self.sock.recv(n - len(data))
+            chunk = await self._sock.recv(n - len(data))
             if not chunk:
                 raise FrontendError("back-end closed the connection")
             data += chunk
@@ -217,7 +224,7 @@ class Frontend:
         return payload
 
     async def call(
-        self, request: int, payload: bytes = b"", fds: list[int] = (), need_reply: bool = False
+        self, request: int, payload: bytes = b"", fds: Sequence[int] = (), need_reply: bool = False
     ) -> bytes | None:
         """Send a message; read the reply if the request has one or NEED_REPLY was set."""
         flags = vu.Flags.VERSION | (vu.Flags.NEED_REPLY if need_reply else 0)
@@ -227,15 +234,22 @@ class Frontend:
             return await self.read_reply(request)
         return None
 
-    async def call_ack(self, request: int, payload: bytes = b"", fds: list[int] = ()) -> None:
+    async def call_ack(self, request: int, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
         """A message QEMU sends with NEED_REPLY; the back-end must answer 0."""
         need = bool(self.protocol_features & ProtocolFeature.REPLY_ACK)
         reply = await self.call(request, payload, fds, need_reply=need)
         if need and reply != vu.encode_u64(0):
             raise FrontendError(f"{vu.request_name(request)} was refused: {reply!r}")
 
+    async def ask(self, request: int, payload: bytes = b"") -> bytes:
+        """A request that carries its own reply (GET_*)."""
+        reply = await self.call(request, payload)
+        if reply is None:
+            raise FrontendError(f"{vu.request_name(request)} has no reply")
+        return reply
+
     async def get_u64(self, request: int) -> int:
-        reply = await self.call(request)
+        reply = await self.ask(request)
         if len(reply) != 8:
             raise FrontendError(f"{vu.request_name(request)} reply is {len(reply)} bytes")
         return vu.U64.unpack(reply)[0]
@@ -295,12 +309,12 @@ class Frontend:
     async def stop(self) -> int:
         """Guest reset or shutdown: disable and stop the ring; returns last_avail."""
         await self.call_ack(Request.SET_VRING_ENABLE, vu.encode_vring_state(0, 0))
-        reply = await self.call(Request.GET_VRING_BASE, vu.encode_vring_state(0, 0))
-        index, num = vu.VRING_STATE.unpack(reply)
-        return num
+        reply = await self.ask(Request.GET_VRING_BASE, vu.encode_vring_state(0, 0))
+        _, num = vu.VRING_STATE.unpack(reply)
+        return int(num)
 
     async def get_config(self) -> vm.Config:
-        reply = await self.call(Request.GET_CONFIG, vu.encode_config(0, bytes(vm.CONFIG_SIZE)))
+        reply = await self.ask(Request.GET_CONFIG, vu.encode_config(0, bytes(vm.CONFIG_SIZE)))
         offset, size, _ = vu.CONFIG_HEADER.unpack_from(reply)
         if offset != 0 or size != vm.CONFIG_SIZE or len(reply) != 12 + vm.CONFIG_SIZE:
             raise FrontendError(f"GET_CONFIG reply has offset {offset} size {size}")
@@ -327,6 +341,8 @@ class Frontend:
 
     async def watch_backend_channel(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Count CONFIG_CHANGE_MSG messages as QEMU's backend-channel handler would."""
+        if self._backend_channel is None:
+            raise FrontendError("no backend channel: BACKEND_REQ was not negotiated")
         sock = self._backend_watch_sock = trio.socket.from_stdlib_socket(self._backend_channel)
         task_status.started()
         try:
@@ -404,7 +420,7 @@ class Frontend:
     # --- the device region as the host sees it ----------------------------------
 
     def dimm_allocated(self) -> int:
-        return probes.allocated_bytes(self.ram.dimm_fd)
+        return probes.allocated_bytes(self.ram.dimm_file())
 
     def dimm_extents(self) -> list[tuple[int, int]]:
-        return probes.data_extents(self.ram.dimm_fd)
+        return probes.data_extents(self.ram.dimm_file())

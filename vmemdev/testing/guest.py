@@ -15,16 +15,18 @@ import logging
 
 import trio
 
+from ..errors import PeerError
+from ..protocol import virtio_mem as vm
 from ..protocol.virtio_mem import ResponseType
+from ..virtio_mem.accounting import LINUX_MEMORY_BLOCK
 from .frontend import Frontend
 
 log = logging.getLogger(__name__)
 
-LINUX_MEMORY_BLOCK = 128 << 20
 
 
-class DeviceBroken(Exception):
-    pass
+class DeviceBroken(PeerError):
+    """The device answered what a Linux driver takes as fatal (ERROR)."""
 
 
 class SimulatedLinuxGuest:
@@ -33,7 +35,7 @@ class SimulatedLinuxGuest:
         self.touch = touch
         self.busy_backoff = busy_backoff
         self.plugged: set[int] = set()  # block indexes
-        self.config = None
+        self.config = vm.Config(0, 0, 0, 0, 0, 0, 0)  # read at probe
         self.busy_count = 0
 
     async def probe(self) -> None:

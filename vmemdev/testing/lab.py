@@ -23,8 +23,10 @@ import time
 
 import trio
 
-from ..host import probes
 from ..client import Client
+from ..closing import Closing
+from ..errors import HostError
+from ..host import probes
 from ..sizes import parse_size
 from .frontend import Frontend
 from .guest import SimulatedLinuxGuest
@@ -34,11 +36,11 @@ def _size(value) -> int:
     return value if isinstance(value, int) else parse_size(value)
 
 
-class LabError(Exception):
-    pass
+class LabError(HostError):
+    """The lab's daemon process or simulated guest did not do what was asked."""
 
 
-class Lab:
+class Lab(Closing):
     def __init__(self, region_size="1G", block_size="2M", region_addr=0x1_0000_0000,
                  daemon_args: tuple[str, ...] = (), guest_touches: bool = True,
                  cgroup_procs: str | None = None, startup_timeout: float = 20.0):
@@ -51,6 +53,7 @@ class Lab:
         self.control_path = os.path.join(self._dir.name, "vm0.ctl")
         self.log_path = os.path.join(self._dir.name, "daemon.log")
         self._log = open(self.log_path, "w")
+        self._frontend: Frontend | None = None
 
         def enter_cgroup():
             if cgroup_procs:
@@ -87,17 +90,24 @@ class Lab:
 
     async def _guest_main(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
-        self.frontend = Frontend(self.socket_path, device_addr=self.region_addr,
-                                 device_size=self.region_size)
+        fe = self._frontend = Frontend(self.socket_path, device_addr=self.region_addr,
+                                       device_size=self.region_size)
         async with trio.open_nursery() as nursery:
             self._cancel = nursery.cancel_scope
-            await self.frontend.realize()
-            nursery.start_soon(self.frontend.watch_backend_channel)
-            await self.frontend.start()
-            self.guest = SimulatedLinuxGuest(self.frontend, touch=self.guest_touches)
+            await fe.realize()
+            nursery.start_soon(fe.watch_backend_channel)
+            await fe.start()
+            self.guest = SimulatedLinuxGuest(fe, touch=self.guest_touches)
             await nursery.start(self.guest.run)
             self._ready.set()
-        await self.frontend.close()
+        await fe.close()
+
+    @property
+    def frontend(self) -> Frontend:
+        """The simulated QEMU (until ``close_guest``)."""
+        if self._frontend is None:
+            raise LabError("the guest is not attached")
+        return self._frontend
 
     # --- what tests call -------------------------------------------------------
 
@@ -134,11 +144,11 @@ class Lab:
 
     def allocated(self) -> int:
         """Host bytes allocated for the device region (the DIMM memfd's st_blocks)."""
-        return probes.allocated_bytes(self.frontend.ram.dimm_fd)
+        return probes.allocated_bytes(self.frontend.ram.dimm_file())
 
     def extents(self) -> list[tuple[int, int]]:
         """Allocated (guest-physical address, length) extents of the device region."""
-        return [(self.region_addr + off, n) for off, n in probes.data_extents(self.frontend.ram.dimm_fd)]
+        return [(self.region_addr + off, n) for off, n in probes.data_extents(self.frontend.ram.dimm_file())]
 
     def guest_check_contents(self) -> None:
         """Every block the guest plugged still holds what it wrote there."""
@@ -156,9 +166,9 @@ class Lab:
             except trio.RunFinishedError:
                 pass
             self._thread.join(10)
-        if getattr(self, "frontend", None) is not None:
-            self.frontend.release()
-            self.frontend = None
+        if self._frontend is not None:
+            self._frontend.release()
+            self._frontend = None
             # The daemon serves one front-end at a time: wait until it saw this one go.
             deadline = time.monotonic() + 10
             while self.process.poll() is None and self.status()["frontend"] != "waiting":
@@ -175,9 +185,3 @@ class Lab:
             self.process.wait(10)
         self._log.close()
         self._dir.cleanup()
-
-    def __enter__(self) -> "Lab":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

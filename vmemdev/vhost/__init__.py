@@ -1,1 +1,1 @@
-"""A generic vhost-user back-end engine, sans-IO: see ``engine``."""
+"""A generic vhost-user back-end engine, sans-IO (see ``engine``)."""

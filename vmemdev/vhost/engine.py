@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..errors import PeerError
 from ..protocol import vhost_user as vu
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 MAX_MEM_SLOTS = 509  # what GET_MAX_MEM_SLOTS answers; memory hotplug setups need this many
 
 TRANSPORT_FEATURES = vu.VIRTIO_F_VERSION_1 | vu.VHOST_USER_F_PROTOCOL_FEATURES
-OFFERED_PROTOCOL_FEATURES = (
+# int, not IntFlag: ~IntFlag only inverts the bits the enum defines.
+OFFERED_PROTOCOL_FEATURES = int(
     ProtocolFeature.MQ
     | ProtocolFeature.REPLY_ACK
     | ProtocolFeature.BACKEND_REQ
@@ -42,7 +44,7 @@ OFFERED_PROTOCOL_FEATURES = (
 )
 
 # Requests that are only valid once a protocol feature was negotiated.
-GATED = {
+GATED: dict[int, ProtocolFeature] = {
     Request.GET_QUEUE_NUM: ProtocolFeature.MQ,
     Request.SET_BACKEND_REQ_FD: ProtocolFeature.BACKEND_REQ,
     Request.GET_CONFIG: ProtocolFeature.CONFIG,
@@ -102,6 +104,15 @@ class Outcome:
 
 
 NOTHING: frozenset[int] = frozenset()
+_Body = TypeVar("_Body")
+
+
+def _body(msg: Message, kind: type[_Body]) -> _Body:
+    """The decoded payload, typed (vu.decode gives each request its one type)."""
+    body = msg.body
+    if not isinstance(body, kind):
+        raise PeerError(f"{msg.name}: payload of an unexpected type")
+    return body
 
 
 @dataclass(slots=True)
@@ -180,8 +191,8 @@ class Engine:
 
     @staticmethod
     def _accept(msg: Message, offered: int) -> int:
-        value: int = msg.body
-        if value & ~offered:
+        value = _body(msg, int)
+        if value & ~int(offered):
             raise PeerError(f"{msg.name} {value:#x} has bits that were not offered")
         return value
 
@@ -202,7 +213,7 @@ class Engine:
         return vu.encode_u64(MAX_MEM_SLOTS)
 
     def _set_status(self, msg: Message) -> None:
-        self.status = msg.body & 0xFF
+        self.status = _body(msg, int) & 0xFF
         if self.status == 0:
             log.info("device reset by the driver: the device keeps its state")
 
@@ -212,7 +223,7 @@ class Engine:
     # --- config space -------------------------------------------------------------
 
     def _get_config(self, msg: Message) -> bytes:
-        cfg: vu.ConfigSpace = msg.body
+        cfg = _body(msg, vu.ConfigSpace)
         data = self.device.read_config(cfg.offset, cfg.size)
         if data is None:
             log.error("GET_CONFIG offset %d size %d is outside the config space; "
@@ -221,7 +232,7 @@ class Engine:
         return vu.encode_config(cfg.offset, data, cfg.flags)
 
     def _set_config(self, msg: Message) -> None:
-        cfg: vu.ConfigSpace = msg.body
+        cfg = _body(msg, vu.ConfigSpace)
         self.device.write_config(cfg.offset, cfg.data)
 
     def _set_backend_req_fd(self, msg: Message) -> None:
@@ -241,7 +252,7 @@ class Engine:
                 self._effects.append(Serve(ring.index))
 
     def _set_mem_table(self, msg: Message) -> None:
-        table: vu.MemTable = msg.body
+        table = _body(msg, vu.MemTable)
 
         def replace() -> None:
             self._kept |= self.memory.replace_all(table.regions, msg.fds)
@@ -251,20 +262,20 @@ class Engine:
 
     def _add_mem_reg(self, msg: Message) -> None:
         def add() -> None:
-            if self.memory.add(msg.body, msg.fds[0]):
+            if self.memory.add(_body(msg, vu.MemoryRegion), msg.fds[0]):
                 self._keep(msg.fds[0])
 
         self._change_memory(add)
         log.info("memory region added: %s", msg.body)
 
     def _rem_mem_reg(self, msg: Message) -> None:
-        self._change_memory(lambda: self.memory.remove(msg.body))
+        self._change_memory(lambda: self.memory.remove(_body(msg, vu.MemoryRegion)))
         log.info("memory region removed: %s", msg.body)
 
     # --- rings ----------------------------------------------------------------------
 
     def _set_vring_num(self, msg: Message) -> None:
-        state: vu.VringState = msg.body
+        state = _body(msg, vu.VringState)
         ring = self._ring(state.index)
         if not valid_queue_size(state.num):
             raise PeerError(f"SET_VRING_NUM {state.num} is not a power of two in 1..32768")
@@ -273,7 +284,7 @@ class Engine:
         ring.map(self.memory)
 
     def _set_vring_addr(self, msg: Message) -> None:
-        addr: vu.VringAddr = msg.body
+        addr = _body(msg, vu.VringAddr)
         ring = self._ring(addr.index)
         ring.unmap()
         ring.addr = addr
@@ -282,7 +293,7 @@ class Engine:
             raise PeerError(f"SET_VRING_ADDR: ring {addr.index} is not in shared memory")
 
     def _set_vring_base(self, msg: Message) -> None:
-        state: vu.VringState = msg.body
+        state = _body(msg, vu.VringState)
         ring = self._ring(state.index)
         if state.num > 0xFFFF:
             raise PeerError(f"SET_VRING_BASE {state.num} does not fit a split ring index")
@@ -292,7 +303,7 @@ class Engine:
         ring.map(self.memory)
 
     def _get_vring_base(self, msg: Message) -> bytes:
-        state: vu.VringState = msg.body
+        state = _body(msg, vu.VringState)
         ring = self._ring(state.index)
         ring.apply(RingEvent.STOP)
         self._effects.append(RingFd("kick", ring.index, None))
@@ -302,7 +313,7 @@ class Engine:
         return vu.encode_vring_state(ring.index, ring.last_avail_idx)
 
     def _ring_fd(self, kind: str, msg: Message) -> Ring:
-        file: vu.VringFile = msg.body
+        file = _body(msg, vu.VringFile)
         ring = self._ring(file.index)
         self._effects.append(RingFd(kind, ring.index, file.fd))
         self._keep(file.fd)
@@ -310,7 +321,7 @@ class Engine:
 
     def _set_vring_kick(self, msg: Message) -> None:
         ring = self._ring_fd("kick", msg)
-        if msg.body.fd is None:
+        if _body(msg, vu.VringFile).fd is None:
             log.warning("vring %d: no kick fd (polling) is not supported; ring idle", ring.index)
         ring.apply(RingEvent.KICK)
         if not self.features & vu.VHOST_USER_F_PROTOCOL_FEATURES:
@@ -324,7 +335,7 @@ class Engine:
         self._ring_fd("err", msg)
 
     def _set_vring_enable(self, msg: Message) -> None:
-        state: vu.VringState = msg.body
+        state = _body(msg, vu.VringState)
         ring = self._ring(state.index)
         if state.num not in (0, 1):
             raise PeerError(f"SET_VRING_ENABLE value {state.num} is not 0 or 1")

@@ -1,0 +1,1 @@
+"""The virtio-mem device: model, Device implementation, limits, accounting. No I/O."""

@@ -8,6 +8,8 @@ being recounted.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class BlockBitmap:
     def __init__(self, nblocks: int):
@@ -69,7 +71,7 @@ class BlockBitmap:
         self._check(index, 1)
         return bool(self._bits[index // 8] >> (index % 8) & 1)
 
-    def runs(self):
+    def runs(self) -> Iterator[tuple[int, int]]:
         """Yield (start, length) of each run of set blocks, in order.
 
         Costs the size of the bitmap: for accounting and tests, never for a

@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import ConfigError, GuestMemoryError, HostError, PeerError
 from ..host.interface import Backing, CgroupProbe, Host, Memory
 from ..protocol import virtio_mem as vm
-from ..protocol.virtio_mem import MemRequest, MemResponse, RequestType, ResponseType
+from ..protocol.virtio_mem import MemRequest, RequestType, ResponseType
 from ..sizes import format_size
 from .accounting import Footprint, footprint, memmap_estimate
 from .limits import MEMORY_HIGH, MEMORY_MAX, Limits

@@ -14,11 +14,10 @@ this state: plugged memory stays plugged and keeps its contents.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .bitmap import BlockBitmap
 from ..errors import ConfigError
-from ..sizes import format_size as fs
 from ..protocol.virtio_mem import (
     BlockState,
     Config,
@@ -27,6 +26,8 @@ from ..protocol.virtio_mem import (
     RequestType,
     ResponseType,
 )
+from ..sizes import format_size as fs
+from .bitmap import BlockBitmap
 
 MiB = 1 << 20
 PAGE_SIZE = 4096
@@ -232,7 +233,7 @@ class VirtioMemModel:
     def block_addr(self, index: int) -> int:
         return self.geometry.addr + index * self.block_size
 
-    def plugged_ranges(self):
+    def plugged_ranges(self) -> Iterator[tuple[int, int]]:
         """Yield (gpa, size) of each run of plugged blocks (costs the region)."""
         for start, n in self.bitmap.runs():
             yield self.block_addr(start), n * self.block_size

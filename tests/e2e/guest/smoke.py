@@ -159,9 +159,9 @@ class _QMP:
             except (FileNotFoundError, ConnectionRefusedError):
                 s.close()
                 if time.monotonic() > deadline:
-                    raise GuestTimeout(f"QMP socket {path} never accepted a connection")
+                    raise GuestTimeout(f"QMP socket {path} never accepted a connection") from None
                 if not alive():
-                    raise GuestError("QEMU exited before its QMP socket was up")
+                    raise GuestError("QEMU exited before its QMP socket was up") from None
                 time.sleep(0.05)
         self.sock = s
         self.f = s.makefile("rb")
@@ -201,7 +201,7 @@ class _QMP:
                     raise GuestError(f"QMP {cmd} {args or ''}: {r['error'].get('class')}: "
                                      f"{r['error'].get('desc')}")
                 return r.get("return")
-        except socket.timeout:
+        except TimeoutError:
             raise GuestTimeout(f"QMP {cmd}: no answer within {timeout}s") from None
 
     def close(self):
@@ -370,12 +370,12 @@ def boot(qemu_args: list[str], *, qemu_cmd: list[str] | None = None,
             try:
                 conn, _ = lsock.accept()
                 break
-            except socket.timeout:
+            except TimeoutError:
                 if proc.poll() is not None:
                     raise GuestError(f"QEMU exited with status {proc.returncode} at start:\n"
-                                     + (workdir / "qemu.log").read_text(errors="replace"))
+                                     + (workdir / "qemu.log").read_text(errors="replace")) from None
                 if time.monotonic() > deadline:
-                    raise GuestTimeout("QEMU did not connect to the serial socket within 30s")
+                    raise GuestTimeout("QEMU did not connect to the serial socket within 30s") from None
         conn.settimeout(None)
     except BaseException:
         if proc.poll() is None:
