@@ -79,6 +79,12 @@ async def test_ctl_commands_drive_a_real_daemon(nursery, tmp_path):
         assert rc == 0 and "plugged     256M" in out and "front-end   attached" in out
         rc, out, _ = await ctl(daemon, "--json", "status")
         assert json.loads(out)["plugged_size"] == 256 * MiB
+        for command in (["status"], ["limits"], ["stats"], ["accounting"], ["get"], ["events"]):
+            rc, out, err = await ctl(daemon, *command, "--json")  # after the command, as users type it
+            assert rc == 0, (command, err)
+            # events print one JSON document per line (JSON Lines); the rest print one document
+            documents = [json.loads(line) for line in out.splitlines()] if command == ["events"] else [json.loads(out)]
+            assert documents and all(isinstance(d, dict) for d in documents), (command, out)
         rc, out, err = await ctl(daemon, "resize", "3M")
         assert rc == 1 and "not a multiple of the block size" in err
         rc, out, err = await ctl(daemon, "resize", "4G")

@@ -87,6 +87,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _ctl_options(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """Accepted before or after the ctl command; the command's copy only overrides."""
+    keep: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
+    p.add_argument("--control-socket", metavar="PATH",
+                   help="default: $VMEMDEV_CONTROL_SOCKET, or the only /run/vmemdev/*.ctl",
+                   **({"default": None} | keep))
+    p.add_argument("--json", action="store_true", help="machine-readable output",
+                   **({"default": False} | keep))
+
+
 def _logging_options(p: argparse.ArgumentParser, defaults: bool) -> None:
     """Accepted before or after the command; the command's copy only overrides."""
     keep: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
@@ -145,9 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _device_options(serve)
 
     ctl = sub.add_parser("ctl", help="talk to a running daemon through its control socket")
-    ctl.add_argument("--control-socket", metavar="PATH",
-                     help="default: $VMEMDEV_CONTROL_SOCKET, or the only /run/vmemdev/*.ctl")
-    ctl.add_argument("--json", action="store_true", help="machine-readable output")
+    _ctl_options(ctl, defaults=True)
     cmds = ctl.add_subparsers(dest="ctl_command", required=True, parser_class=Parser)
     cmds.add_parser("status", help="geometry, sizes, front-end, limits, footprint")
     resize = cmds.add_parser("resize", help="set the requested size")
@@ -166,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmds.add_parser("accounting", help="plugged vs host-allocated, memmap estimate")
     events = cmds.add_parser("events", help="recent events; --follow for new ones")
     events.add_argument("--follow", "-f", action="store_true")
+    for command in cmds.choices.values():  # `ctl status --json` as well as `ctl --json status`
+        _ctl_options(command, defaults=False)
 
     demo = sub.add_parser("demo", help="serve a device to a built-in simulated QEMU + Linux guest")
     _logging_options(demo, defaults=False)
