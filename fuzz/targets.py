@@ -20,7 +20,7 @@ from vmemdev.host.memory import GuestMemory
 from vmemdev.protocol import control as control_proto
 from vmemdev.protocol import vhost_user as vu
 from vmemdev.protocol.virtio_mem import REQUEST, MemRequest, RequestType
-from vmemdev.protocol.virtqueue import SplitQueue
+from vmemdev.protocol.virtqueue import Area, SplitQueue
 from vmemdev.sizes import parse_size
 from vmemdev.vhost.engine import MAX_MEM_SLOTS, Engine
 from vmemdev.vhost.rings import RingState
@@ -90,8 +90,9 @@ def virtqueue(data: bytes) -> None:
     area = data[3:]
     desc_off, avail_off, used_off = 0, 16 * num, 0x2000
     ring[: desc_off + 16 * num + 4 + 2 * num] = (area + bytes(16 * num + 4 + 2 * num))[: 16 * num + 4 + 2 * num]
-    mm = lab.memory.regions[0].mm
-    queue = SplitQueue(num, (mm, desc_off), (mm, avail_off), (mm, used_off), last_avail)
+    region = lab.memory.regions[0]
+    desc, avail, used = (Area(region.mm, off, region.address + off) for off in (desc_off, avail_off, used_off))
+    queue = SplitQueue(num, desc, avail, used, lab.memory.ring_access, last_avail)
     # The daemon's own path: the engine takes chains, the device answers (fake host).
     g = Geometry(1 << 32, 1 << 30, 2 << 20)
     device = VirtioMem(g, 256 << 20, host=FakeHost())

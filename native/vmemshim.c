@@ -10,6 +10,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "vmemshim writes virtio split-ring fields in host order: little-endian hosts only"
+#endif
+
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23 /* Linux 5.14; older libc headers lack it */
 #endif
@@ -160,4 +164,22 @@ int vmem_mincore_resident(uint64_t addr, uint64_t length, uint64_t *resident_pag
     }
     *resident_pages = count;
     return 0;
+}
+
+
+/* Little-endian hosts only (the split ring is little-endian; x86-64 and
+ * aarch64 Linux are). The release store orders every earlier store of this
+ * thread, including the response bytes Python wrote into the guest's
+ * buffers, before the index. */
+uint16_t vmem_load_acquire_u16(uint64_t addr)
+{
+    return __atomic_load_n((const uint16_t *)(uintptr_t)addr, __ATOMIC_ACQUIRE);
+}
+
+void vmem_publish_used(uint64_t elem_addr, uint32_t id, uint32_t len, uint64_t idx_addr, uint16_t idx)
+{
+    uint32_t *elem = (uint32_t *)(uintptr_t)elem_addr;
+    __atomic_store_n(&elem[0], id, __ATOMIC_RELAXED);
+    __atomic_store_n(&elem[1], len, __ATOMIC_RELAXED);
+    __atomic_store_n((uint16_t *)(uintptr_t)idx_addr, idx, __ATOMIC_RELEASE);
 }

@@ -32,4 +32,14 @@ int vmem_data_extents(int fd, uint64_t start, uint64_t end,
 /* Number of resident pages in [addr, addr + length); addr page-aligned. */
 int vmem_mincore_resident(uint64_t addr, uint64_t length, uint64_t *resident_pages);
 
+/* Split-virtqueue index accesses shared with a guest (virtio 1.x, 2.7.13).
+ * addr must be 2-byte aligned and mapped. One 16-bit load with acquire
+ * ordering: what the driver wrote before it published this index (ring
+ * entries, descriptors) is visible to the loads that follow. */
+uint16_t vmem_load_acquire_u16(uint64_t addr);
+/* Store a used element { le32 id; le32 len } at elem_addr (4-byte aligned),
+ * then the used index at idx_addr with one 16-bit release store: a driver
+ * that sees the new index sees the whole element, and never a partial index. */
+void vmem_publish_used(uint64_t elem_addr, uint32_t id, uint32_t len, uint64_t idx_addr, uint16_t idx);
+
 #endif

@@ -285,3 +285,15 @@ def test_system_host_populates_and_discards_pieces(fd):
         with pytest.raises(NativeError) as info:
             host.discard([Backing(fd, 4 * B, B, 0, 4 * B)])
     assert info.value.errno == errno.EIO and native.allocated_bytes(fd) == B
+
+
+def test_ring_index_accesses_are_single_and_ordered():
+    ring = mmap.mmap(-1, 4096)
+    base = native.buffer_address(ring)
+    ring[2:4] = (0xBEEF).to_bytes(2, "little")
+    assert native.load_acquire_u16(base + 2) == 0xBEEF
+    native.publish_used(base + 4 + 8 * 3, 17, 10, base + 2, 0x1234)
+    assert ring[2:4] == (0x1234).to_bytes(2, "little")  # the index, and nothing else
+    assert ring[4 + 24 : 4 + 32] == (17).to_bytes(4, "little") + (10).to_bytes(4, "little")
+    assert ring[4:28] == bytes(24) and ring[0:2] == bytes(2)
+    ring.close()

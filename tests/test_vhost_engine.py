@@ -233,3 +233,12 @@ def test_every_state_and_event_has_a_defined_outcome():
     for state in RingState:
         assert TRANSITIONS[(state, RingEvent.RESET)] is RingState.STOPPED
         assert TRANSITIONS.get((state, RingEvent.STOP), state) is not RingState.RUNNING
+
+
+def test_a_misaligned_ring_is_refused(lab):
+    """A used.idx that is not 2-byte aligned cannot be published with one store."""
+    r = lab.ring
+    lab.handle(Request.SET_VRING_NUM, vu.encode_vring_state(0, r.num))
+    addr = vu.VringAddr(0, 0, lab.ram.uaddr(r.desc), lab.ram.uaddr(r.used) + 2, lab.ram.uaddr(r.avail), 0)
+    with pytest.raises(PeerError, match="used ring at 0x[0-9a-f]+ is not 4-byte aligned"):
+        lab.handle(Request.SET_VRING_ADDR, vu.encode_vring_addr(addr))

@@ -20,6 +20,7 @@ import stat
 
 from ..errors import GuestMemoryError, PeerError
 from ..protocol.vhost_user import MemoryRegion
+from ..protocol.virtqueue import Area, RingAccess
 from . import native
 from .interface import Backing
 
@@ -103,8 +104,20 @@ class MappedRegion:
         return f"<region gpa={self.gpa:#x} size={self.size:#x} fd={self.fd}>"
 
 
+class SharedRingAccess:
+    """Ring index accesses through the C shim: single, ordered loads and stores."""
+
+    def load_acquire_u16(self, address: int) -> int:
+        return native.load_acquire_u16(address)
+
+    def publish_used(self, elem_address: int, head: int, written: int, idx_address: int, idx: int) -> None:
+        native.publish_used(elem_address, head, written, idx_address, idx)
+
+
 class GuestMemory(GpaAccess):
     """The set of regions currently shared by the front-end."""
+
+    ring_access: RingAccess = SharedRingAccess()
 
     def __init__(self, max_regions: int):
         self.max_regions = max_regions
@@ -201,11 +214,12 @@ class GuestMemory(GpaAccess):
     def check_gpa(self, gpa: int, length: int) -> None:
         self.gpa_area(gpa, length)
 
-    def uva_area(self, uaddr: int, length: int) -> tuple[mmap.mmap, int]:
-        """(mapping, offset) of a front-end virtual range (ring addresses)."""
+    def uva_area(self, uaddr: int, length: int) -> Area:
+        """Where a front-end virtual range (a ring) is in our mappings."""
         for region in self._regions:
             if region.uaddr <= uaddr and uaddr + length <= region.uaddr + region.size:
-                return region.mm, region._skip + uaddr - region.uaddr
+                delta = uaddr - region.uaddr
+                return Area(region.mm, region._skip + delta, region.address + delta)
         raise GuestMemoryError(
             f"front-end address range {uaddr:#x}+{length:#x} is not inside one shared region"
         )

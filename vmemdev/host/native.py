@@ -42,6 +42,8 @@ __all__ = [
     "resident_pages",
     "buffer_address",
     "inject_fault",
+    "load_acquire_u16",
+    "publish_used",
 ]
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -254,3 +256,18 @@ def buffer_address(buf: mmap.mmap | bytearray) -> int:
         return int(ffi.cast("uintptr_t", cdata))
     finally:
         ffi.release(cdata)
+
+
+# -- ring indexes shared with a running guest (see protocol/virtqueue.py) -------
+# Called per request: no argument checks beyond what cffi does (the addresses
+# come from bounds-checked, aligned ring areas).
+
+
+def load_acquire_u16(addr: int) -> int:
+    """One aligned 16-bit load with acquire ordering."""
+    return int(lib.vmem_load_acquire_u16(addr))
+
+
+def publish_used(elem_addr: int, head: int, written: int, idx_addr: int, idx: int) -> None:
+    """The used element, then used.idx in one 16-bit release store."""
+    lib.vmem_publish_used(elem_addr, head, written, idx_addr, idx)

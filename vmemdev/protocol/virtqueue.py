@@ -13,9 +13,17 @@ descriptors (VIRTIO_F_INDIRECT_DESC is not offered). Ring areas are given as
 (buffer, offset) pairs into the mapped guest memory so no buffer export is
 held across memory-table changes.
 
-Ordering: the used element is stored before used.idx. Python performs the two
-stores in program order and x86-64 does not reorder stores, which is what
-the virtio memory model requires of the device here.
+Ordering (virtio 1.x, 2.7.13): the driver and the device run concurrently on
+other CPUs. avail.idx is read with one 16-bit acquire load, so the ring entry
+and the descriptors read after it are at least as new as the index; the
+response is written into the guest's buffers, then the used element, then
+used.idx with one 16-bit release store, so a driver that sees the new index
+sees the whole element and never a half-written index. Python promises
+neither a single store nor a barrier (``struct.pack_into`` zero-fills its
+target first), so those accesses go through a ``RingAccess`` (the host
+layer's does them in the C shim). Descriptor fields are read once into
+Python values and checked; a torn read of a descriptor the driver is still
+changing gives a value that is bounds-checked like any other.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import mmap
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import construct as cs
 
@@ -89,7 +98,21 @@ class ChainError(PeerError):
         super().__init__(f"descriptor chain at head {head}: {reason}")
 
 
-Area = tuple[mmap.mmap | bytearray | memoryview, int]  # (shared buffer, offset)
+class Area(NamedTuple):
+    """A ring area in mapped guest memory. No buffer export is held, so the
+    mapping can be closed when QEMU removes the region."""
+
+    buf: mmap.mmap
+    offset: int
+    address: int  # our virtual address of buf[offset]
+
+
+class RingAccess(Protocol):
+    """The accesses a guest may race with: single, ordered loads and stores."""
+
+    def load_acquire_u16(self, address: int) -> int: ...
+
+    def publish_used(self, elem_address: int, head: int, written: int, idx_address: int, idx: int) -> None: ...
 
 
 class SplitQueue:
@@ -101,22 +124,30 @@ class SplitQueue:
         desc: Area,
         avail: Area,
         used: Area,
+        access: RingAccess,
         last_avail_idx: int = 0,
         used_idx: int | None = None,
     ):
         if not valid_queue_size(num):
             raise PeerError(f"queue size {num} is not a power of two in 1..32768")
+        # The spec's alignments (2.7.10.1); what makes the index accesses single.
+        for name, area, align in (("descriptor table", desc, 16), ("avail ring", avail, 2),
+                                  ("used ring", used, 4)):
+            if area.address % align:
+                raise PeerError(f"{name} at {area.address:#x} is not {align}-byte aligned")
         self.num = num
-        self._desc_buf, self._desc_off = desc
-        self._avail_buf, self._avail_off = avail
-        self._used_buf, self._used_off = used
+        self._access = access
+        self._desc_buf, self._desc_off = desc.buf, desc.offset
+        self._avail_buf, self._avail_off = avail.buf, avail.offset
+        self._avail_idx_address = avail.address + 2
+        self._used_idx_address = used.address + 2
+        self._used_ring_address = used.address + 4
         self.last_avail_idx = last_avail_idx & 0xFFFF
         # After SET_VRING_BASE the used index equals the avail index we resume at.
         self.used_idx = (self.last_avail_idx if used_idx is None else used_idx) & 0xFFFF
 
     def avail_idx(self) -> int:
-        idx: int = U16.unpack_from(self._avail_buf, self._avail_off + 2)[0]
-        return idx
+        return self._access.load_acquire_u16(self._avail_idx_address)
 
     def pending(self) -> int:
         """How many chains the driver has made available that we have not taken."""
@@ -169,7 +200,7 @@ class SplitQueue:
         raise ChainError(head, f"chain longer than the queue size {self.num} (a loop?)")
 
     def push_used(self, head: int, written: int) -> None:
-        slot = self.used_idx % self.num
-        USED_ELEM.pack_into(self._used_buf, self._used_off + 4 + USED_ELEM.size * slot, head, written)
+        """Publish one used element: the element, then used.idx (see the module doc)."""
+        elem = self._used_ring_address + USED_ELEM.size * (self.used_idx % self.num)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        U16.pack_into(self._used_buf, self._used_off + 2, self.used_idx)
+        self._access.publish_used(elem, head, written, self._used_idx_address, self.used_idx)

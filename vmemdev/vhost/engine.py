@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ..errors import PeerError
+from ..errors import GuestMemoryError, PeerError
 from ..protocol import vhost_user as vu
 from ..protocol.vhost_user import Message, ProtocolFeature, Request
 from ..protocol.virtqueue import Chain, ChainError, RingBroken, valid_queue_size
@@ -288,9 +288,11 @@ class Engine:
         ring = self._ring(addr.index)
         ring.unmap()
         ring.addr = addr
-        ring.map(self.memory)
-        if ring.queue is None:
-            raise PeerError(f"SET_VRING_ADDR: ring {addr.index} is not in shared memory")
+        problem = ring.map(self.memory)
+        if isinstance(problem, GuestMemoryError):
+            raise PeerError(f"SET_VRING_ADDR: ring {addr.index} is not in shared memory") from problem
+        if problem is not None:
+            raise PeerError(f"SET_VRING_ADDR: ring {addr.index}: {problem}") from problem
 
     def _set_vring_base(self, msg: Message) -> None:
         state = _body(msg, vu.VringState)

@@ -7,12 +7,10 @@ The engine holds both by these interfaces only, so it imports neither.
 
 from __future__ import annotations
 
-import mmap
 from typing import Protocol
 
 from ..protocol.vhost_user import MemoryRegion
-
-Area = tuple[mmap.mmap, int]  # (mapping, offset): no buffer export is held
+from ..protocol.virtqueue import Area, RingAccess
 
 
 class Device(Protocol):
@@ -39,6 +37,7 @@ class GuestMemory(Protocol):
     """Guest memory as the front-end shared it (bounds-checked accessors)."""
 
     generation: int
+    ring_access: RingAccess
 
     def add(self, desc: MemoryRegion, fd: int) -> bool:
         """Map one region; True when the memory now owns ``fd``."""

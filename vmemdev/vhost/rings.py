@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 
-from ..errors import GuestMemoryError, PeerError
+from ..errors import PeerError
 from ..protocol.vhost_user import VringAddr
 from ..protocol.virtqueue import SplitQueue, avail_ring_size, desc_table_size, used_ring_size
 from .interfaces import GuestMemory
@@ -85,20 +85,23 @@ class Ring:
     def ready(self) -> bool:
         return self.state is RingState.RUNNING and self.queue is not None
 
-    def map(self, memory: GuestMemory) -> None:
-        """(Re)build the queue view from the configured addresses."""
+    def map(self, memory: GuestMemory) -> PeerError | None:
+        """(Re)build the queue view from the configured addresses; why not, if it cannot."""
         self.unmap()
         if self.addr is None or self.num == 0:
-            return
+            return None
         a = self.addr
         try:
             desc = memory.uva_area(a.desc_user_addr, desc_table_size(self.num))
             avail = memory.uva_area(a.avail_user_addr, avail_ring_size(self.num))
             used = memory.uva_area(a.used_user_addr, used_ring_size(self.num))
-            used_idx = int.from_bytes(used[0][used[1] + 2 : used[1] + 4], "little")
-            self.queue = SplitQueue(self.num, desc, avail, used, self.last_avail_idx, used_idx)
-        except (GuestMemoryError, PeerError) as exc:
+            access = memory.ring_access
+            used_idx = access.load_acquire_u16(used.address + 2)  # resume where the guest sees us
+            self.queue = SplitQueue(self.num, desc, avail, used, access, self.last_avail_idx, used_idx)
+        except PeerError as exc:  # GuestMemoryError included
             log.error("vring %d cannot be mapped: %s", self.index, exc)
+            return exc
+        return None
 
     def unmap(self) -> None:
         if self.queue is not None:
