@@ -56,7 +56,7 @@ async def serve_one(path: str) -> None:
 
     device = EchoDevice()
 
-    async def serve(request: RingRequest) -> bytes:
+    def serve(request: RingRequest) -> bytes:
         return device.serve(request.data, request.writable)
 
     listener = await bind_unix_listener(path)

@@ -89,8 +89,6 @@ def _make_fd(kind: str) -> int:
         fd = os.memfd_create("fuzz")
         os.ftruncate(fd, 1 << 20)
         return fd
-    import socket
-
     a, b = socket.socketpair()
     a.close()
     return b.detach()
@@ -103,22 +101,19 @@ def test_random_message_sequences_never_escape_the_session(messages):
     never an unexpected exception, and every fd we sent is closed or kept by the session."""
     baseline = len(os.listdir("/proc/self/fd"))
 
-    async def main():
-        service = DeviceRuntime(Geometry(1 << 32, 1 << 30, 2 << 20), 256 << 20)
-        async with trio.open_nursery() as nursery:
-            conn = service.connect(None)
-            conn._nursery = nursery  # run() would set it: kick watchers start here
+    service = DeviceRuntime(Geometry(1 << 32, 1 << 30, 2 << 20), 256 << 20)
+    ours, theirs = socket.socketpair()
+    conn = service.connect(ours)
+    try:
+        for request, flags, payload, kinds in messages:
+            fds = tuple(_make_fd(k) for k in kinds)
             try:
-                for request, flags, payload, kinds in messages:
-                    fds = tuple(_make_fd(k) for k in kinds)
-                    try:
-                        reply = await conn._dispatch(request, flags, payload, fds)
-                    except ConnectionClosed:
-                        break
-                    assert reply is None or isinstance(reply, bytes)
-            finally:
-                conn.close()
-                nursery.cancel_scope.cancel()
-
-    trio.run(main)
+                with conn.lock:  # as the serving thread holds it
+                    reply = conn._dispatch(request, flags, payload, fds)
+            except ConnectionClosed:
+                break
+            assert reply is None or isinstance(reply, bytes)
+    finally:
+        conn.close()  # its socket and every fd it kept
+        theirs.close()
     assert len(os.listdir("/proc/self/fd")) == baseline

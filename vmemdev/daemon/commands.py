@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
 from ..errors import ConfigError
 from ..protocol.control import COMMANDS, PROTOCOL_VERSION, Command, CommandError
+from ..virtio_mem.device import VirtioMem
 from .runtime import DeviceRuntime
+
+READS: dict[str, Callable[[VirtioMem], Any]] = {
+    "query-limits": VirtioMem.limits_report,
+    "query-stats": lambda device: device.stats.to_json(),
+    "query-accounting": VirtioMem.accounting,
+}
 
 
 def execute(runtime: DeviceRuntime, command: Command) -> Any:
@@ -20,12 +28,9 @@ def execute(runtime: DeviceRuntime, command: Command) -> Any:
             return sorted(COMMANDS)
         if name == "query-status":
             return runtime.status()
-        if name == "query-limits":
-            return runtime.device.limits_report()
-        if name == "query-stats":
-            return runtime.device.stats.to_json()
-        if name == "query-accounting":
-            return runtime.device.accounting()
+        if name in READS:
+            with runtime.lock:  # the device, as the connection's thread leaves it
+                return READS[name](runtime.device)
         if name == "query-events":
             return [event.to_json() for event in runtime.events.history]
         if name == "resize":
@@ -33,7 +38,8 @@ def execute(runtime: DeviceRuntime, command: Command) -> Any:
             return {"requested_size": runtime.device.requested_size, "changed": changed}
         if name == "set-limit":
             runtime.set_limit(args["name"], args["value"])
-            return runtime.device.limits.to_json()
+            with runtime.lock:
+                return runtime.device.limits.to_json()
     except ConfigError as exc:
         raise CommandError("InvalidArgument", str(exc)) from exc
     except OSError as exc:

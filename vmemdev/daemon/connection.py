@@ -1,37 +1,59 @@
-"""One attached front-end (one QEMU): its socket, its fds, its engine.
+"""One attached front-end (one QEMU), served from an OS thread of its own.
+
+Why a thread: a guest's config read holds a vCPU until GET_CONFIG is
+answered, and each virtio-mem request holds the guest's driver until its
+used-ring entry appears. Served from Trio tasks, each wake-up cost several
+passes of the scheduler (STATE p50 2.0x and GET_CONFIG 2.7x their floors,
+see ARCHITECTURE.md); a blocking ``poll()`` loop costs one system call. So
+a connection is served the way libvhost-user serves one: one thread polls
+the socket, the rings' kick eventfds and a wakeup eventfd, and handles what
+is ready, in order. It never handles a message while a request it took is
+unanswered, which is what the engine needs of its caller. The Trio side
+starts the thread, asks it to stop, and asks it to send config-change
+notifications; both go through the wakeup eventfd.
 
 Bytes and fds come in here; ``vhost.Engine`` decides what they mean and
 hands back a reply and effects; this class owns every fd the engine names
-(kick, call and err eventfds, the backend channel) and the tasks that wait
-on them. A front-end that breaks the protocol gets a logged error and,
-where it waits for an answer, a failure reply; only a stream we can no
-longer parse closes its connection.
+(kick, call and err eventfds, the backend channel). A front-end that breaks
+the protocol gets a logged error and, where it waits for an answer, a
+failure reply; only a stream we can no longer parse closes its connection.
 
-Per ring, a kick watcher serves the ring itself when nothing else holds the
-request lock, else wakes the ring's worker. The lock keeps a request in
-flight apart from messages that change what it uses (``engine.QUIESCE``).
+The device lock (``lock``) is shared with the control plane, which runs in
+Trio: the thread holds it while it handles a message or a request, and lets
+go of it while it waits in ``poll()`` and while a request's host work runs
+(``serve_request`` does that), so an operator's command never waits for a
+discard.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Callable
 
 import trio
 
 from ..errors import PeerError
 from ..protocol import vhost_user as vu
-from ..vhost.engine import QUIESCE, BackendChannel, Effect, Engine, RingFd, RingRequest, Serve
+from ..vhost.engine import BackendChannel, Effect, Engine, RingFd, RingRequest, Serve
 from ..vhost.interfaces import Device, GuestMemory
-from .sockets import send_all
 from .trace import Tracer
 from .vhost_wire import ConnectionClosed, RefusedMessage, close_all, read_message
 
 log = logging.getLogger(__name__)
 
-ServeRequest = Callable[[RingRequest], Awaitable[bytes]]
+# Called with the device lock held; may release it while host work runs.
+ServeRequest = Callable[[RingRequest], bytes]
+
+READABLE = select.POLLIN
+BROKEN = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+class Stopping(Exception):
+    """The daemon asked this connection to end."""
 
 
 def _close(fd: int | None) -> None:
@@ -39,23 +61,14 @@ def _close(fd: int | None) -> None:
         close_all((fd,))
 
 
-class RingTasks:
-    """The daemon's side of one ring: its eventfds and the tasks that wait on them."""
+class RingFds:
+    """The daemon's side of one ring: its kick, call and err eventfds."""
 
     def __init__(self, index: int):
         self.index = index
         self.kick_fd: int | None = None
         self.call_fd: int | None = None
         self.err_fd: int | None = None
-        self.watcher: trio.CancelScope | None = None
-        self.wakeup = trio.Event()
-
-    def stop_watching(self) -> None:
-        if self.watcher is not None:
-            self.watcher.cancel()
-            self.watcher = None
-        if self.kick_fd is not None:
-            trio.lowlevel.notify_closing(self.kick_fd)
 
     def signal_used(self) -> None:
         if self.call_fd is None:
@@ -66,80 +79,159 @@ class RingTasks:
             log.error("vring %d: cannot signal the call eventfd: %s", self.index, exc)
 
     def close(self) -> None:
-        self.stop_watching()
         for fd in (self.kick_fd, self.call_fd, self.err_fd):
             _close(fd)
         self.kick_fd = self.call_fd = self.err_fd = None
 
 
 class FrontendConnection:
-    def __init__(self, sock: trio.socket.SocketType, device: Device, memory: GuestMemory,
-                 serve_request: ServeRequest, tracer: Tracer | None = None):
+    def __init__(self, sock: socket.socket | trio.socket.SocketType, device: Device, memory: GuestMemory,
+                 serve_request: ServeRequest, *, lock: threading.Lock | None = None,
+                 tracer: Tracer | None = None):
+        if isinstance(sock, trio.socket.SocketType):
+            sock = socket.socket(fileno=sock.detach())
+        sock.setblocking(False)
         self.sock = sock
         self.engine = Engine(device, memory)
         self.serve_request = serve_request
+        self.lock = lock or threading.Lock()
         self.max_request = getattr(device, "max_request", 256)
         self.tracer = tracer
-        self.request_lock = trio.Lock()
-        self.rings = [RingTasks(i) for i in range(device.num_queues)]
-        self._notify_send, self._notify_recv = trio.open_memory_channel[None](64)
-        self._backend_sock: trio.socket.SocketType | None = None
-        self._nursery: trio.Nursery | None = None
+        self.rings = [RingFds(i) for i in range(device.num_queues)]
+        self._kicks: dict[int, RingFds] = {}  # kick fd -> its ring
+        self._poll = select.poll()
+        self._wakeup: int | None = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._stop_requested = False
+        # One notification per change; each counter has one writer (Trio, the thread).
+        self._notifications_asked = 0
+        self._notifications_sent = 0
+        self._backend_sock: socket.socket | None = None
 
     @property
     def memory(self) -> GuestMemory:
         return self.engine.memory
 
+    # --- the Trio side ------------------------------------------------------------------
+
     async def run(self) -> None:
+        """Serve until the front-end leaves or we are cancelled (then the
+        request in flight is answered first)."""
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                for ring in self.rings:
-                    nursery.start_soon(self._ring_worker, ring)
-                nursery.start_soon(self._send_config_changes)
-                try:
-                    await self._serve_messages()
-                finally:
-                    nursery.cancel_scope.cancel()
+                nursery.start_soon(self._stop_when_cancelled)
+                await trio.to_thread.run_sync(self.serve_forever, abandon_on_cancel=False)
+                nursery.cancel_scope.cancel()
         finally:
             self.close()
-            self.sock.close()
+
+    async def _stop_when_cancelled(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self._stop_requested = True
+        self._wake()
+
+    def notify_config_change(self) -> None:
+        """Send CONFIG_CHANGE_MSG on the backend channel (from the serving thread)."""
+        self._notifications_asked += 1
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            os.eventfd_write(self._wakeup, 1)
 
     def close(self) -> None:
-        """Close every fd this connection holds (the socket is the caller's)."""
+        """Close every fd this connection holds, its socket included."""
         for ring in self.rings:
             ring.close()
+        self._kicks.clear()
         if self._backend_sock is not None:
             self._backend_sock.close()
         self.engine.close()
+        self.sock.close()
+        _close(self._wakeup)
+        self._wakeup = None
+
+    # --- the serving thread -----------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        assert self._wakeup is not None
+        self._poll.register(self._wakeup, READABLE)
+        self._poll.register(self.sock, READABLE)
+        try:
+            while True:
+                for fd, events in self._poll.poll():
+                    if fd == self._wakeup:
+                        self._woken()
+                    elif fd in self._kicks:
+                        self._kicked(fd, self._kicks[fd], events)
+                    elif fd == self.sock.fileno():
+                        self._serve_message()
+                        break  # the message may have replaced the fds polled next: poll again
+        except Stopping:
+            log.info("front-end connection stopped by the daemon")
+        except ConnectionClosed as exc:
+            log.info("front-end disconnected: %s", exc)
+
+    def _woken(self) -> None:
+        assert self._wakeup is not None
+        try:
+            os.eventfd_read(self._wakeup)
+        except BlockingIOError:
+            pass
+        if self._stop_requested:
+            raise Stopping
+        while self._notifications_sent < self._notifications_asked:
+            self._notifications_sent += 1
+            self._send_config_change()
+
+    def _wait(self, fd: int, events: int) -> None:
+        """Block until ``fd`` is ready, still answering the Trio side."""
+        assert self._wakeup is not None
+        poll = select.poll()
+        poll.register(fd, events)
+        poll.register(self._wakeup, READABLE)
+        while True:
+            ready = dict(poll.poll())
+            if self._wakeup in ready:
+                self._woken()
+            if fd in ready:
+                return
 
     # --- messages ----------------------------------------------------------------
 
-    async def _serve_messages(self) -> None:
-        while True:
-            try:
-                try:
-                    request, flags, payload, fds = await read_message(self.sock)
-                    if self.tracer:
-                        self.tracer.record(True, request, flags, payload, len(fds))
-                except RefusedMessage as exc:
-                    reply = self._failure(exc.request, exc.flags, exc)
-                    request = exc.request
-                else:
-                    reply = await self._dispatch(request, flags, payload, fds)
-                if reply is not None:
-                    if self.tracer:
-                        self.tracer.record(False, request, int(vu.REPLY_FLAGS), reply, 0)
-                    try:
-                        await send_all(self.sock, vu.encode_reply(request, reply))
-                    except OSError as exc:
-                        raise ConnectionClosed(f"cannot answer the front-end: {exc}") from exc
-            except ConnectionClosed as exc:
-                log.info("front-end disconnected: %s", exc)
-                return
+    def _serve_message(self) -> None:
+        fd = self.sock.fileno()
+        try:
+            request, flags, payload, fds = read_message(self.sock, lambda: self._wait(fd, READABLE))
+            if self.tracer:
+                self.tracer.record(True, request, flags, payload, len(fds))
+        except RefusedMessage as exc:
+            reply = self._failure(exc.request, exc.flags, exc)
+            request = exc.request
+        else:
+            with self.lock:
+                reply = self._dispatch(request, flags, payload, fds)
+        if reply is not None:
+            if self.tracer:
+                self.tracer.record(False, request, int(vu.REPLY_FLAGS), reply, 0)
+            self._send_all(vu.encode_reply(request, reply))
 
-    async def _dispatch(self, request: int, flags: int, payload: bytes,
-                        fds: tuple[int, ...]) -> bytes | None:
+    def _send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                self._wait(self.sock.fileno(), select.POLLOUT)
+            except OSError as exc:
+                raise ConnectionClosed(f"cannot answer the front-end: {exc}") from exc
+
+    def _dispatch(self, request: int, flags: int, payload: bytes,
+                  fds: tuple[int, ...]) -> bytes | None:
         try:
             msg = vu.decode(request, flags, payload, fds)
         except PeerError as exc:
@@ -148,11 +240,7 @@ class FrontendConnection:
         log.debug("<- %s %s", msg.name, msg.body if request != vu.Request.GET_CONFIG else "")
         kept: frozenset[int] = frozenset()
         try:
-            if request in QUIESCE:
-                async with self.request_lock:  # no request in flight uses what changes
-                    outcome = self.engine.handle(msg)
-            else:
-                outcome = self.engine.handle(msg)
+            outcome = self.engine.handle(msg)
             if outcome.effects:
                 self._apply(outcome.effects)
             kept = outcome.kept_fds
@@ -193,20 +281,21 @@ class FrontendConnection:
             elif isinstance(effect, BackendChannel):
                 self._set_backend_channel(effect.fd)
         for effect in effects:
-            if isinstance(effect, Serve):
-                self.rings[effect.index].wakeup.set()
-            elif isinstance(effect, RingFd):
+            if isinstance(effect, RingFd):
                 self._set_ring_fd(effect)
+        for effect in effects:
+            if isinstance(effect, Serve):
+                self._drain(self.rings[effect.index])
 
     def _set_ring_fd(self, effect: RingFd) -> None:
         ring = self.rings[effect.index]
         if effect.kind == "kick":
-            ring.stop_watching()
+            self._unwatch(ring)
             _close(ring.kick_fd)
             ring.kick_fd = effect.fd
-            if effect.fd is not None and self._nursery is not None:
-                ring.watcher = trio.CancelScope()
-                self._nursery.start_soon(self._kick_watcher, ring, effect.fd, ring.watcher)
+            if effect.fd is not None:
+                self._kicks[effect.fd] = ring
+                self._poll.register(effect.fd, READABLE)
         elif effect.kind == "call":
             _close(ring.call_fd)
             ring.call_fd = effect.fd
@@ -214,78 +303,60 @@ class FrontendConnection:
             _close(ring.err_fd)
             ring.err_fd = effect.fd
 
+    def _unwatch(self, ring: RingFds) -> None:
+        if ring.kick_fd is not None and self._kicks.pop(ring.kick_fd, None) is not None:
+            self._poll.unregister(ring.kick_fd)
+
     def _set_backend_channel(self, fd: int) -> None:
         try:
             sock = socket.socket(fileno=fd)
         except OSError as exc:  # the fd stays the caller's, who closes it
             raise PeerError(f"SET_BACKEND_REQ_FD: not a socket ({exc})") from exc
+        sock.setblocking(False)  # a front-end that stops reading must not stall us
         if self._backend_sock is not None:
             self._backend_sock.close()
-        self._backend_sock = trio.socket.from_stdlib_socket(sock)
+        self._backend_sock = sock
 
     # --- ring requests ------------------------------------------------------------------
 
-    async def _kick_watcher(self, ring: RingTasks, fd: int, scope: trio.CancelScope) -> None:
-        lock = self.request_lock
-        with scope:
-            while True:
-                try:
-                    await trio.lowlevel.wait_readable(fd)
-                    os.eventfd_read(fd)
-                except (OSError, trio.ClosedResourceError) as exc:
-                    log.error("vring %d: kick fd failed (%s); waiting for a new one", ring.index, exc)
-                    return
-                # Serve the ring from here when nobody holds or waits for the
-                # lock: waking the worker task (and the lock's checkpoint) would
-                # cost two more passes of the scheduler per request.
-                try:
-                    lock.acquire_nowait()
-                except trio.WouldBlock:
-                    ring.wakeup.set()
-                    continue
-                try:
-                    await self._drain_locked(ring)
-                finally:
-                    lock.release()
-                if scope.cancel_called:  # replaced or stopped while we served: the fd may be gone
-                    return
+    def _kicked(self, fd: int, ring: RingFds, events: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            if events & BROKEN:
+                self._kick_failed(ring, "hung up")
+            return  # else a spurious wake-up
+        except OSError as exc:
+            self._kick_failed(ring, exc)
+            return
+        with self.lock:
+            self._drain(ring)
 
-    async def _ring_worker(self, ring: RingTasks) -> None:
-        while True:
-            await ring.wakeup.wait()
-            ring.wakeup = trio.Event()
-            async with self.request_lock:
-                await self._drain_locked(ring)
+    def _kick_failed(self, ring: RingFds, why: object) -> None:
+        log.error("vring %d: kick fd failed (%s); waiting for a new one", ring.index, why)
+        self._unwatch(ring)
 
-    async def _drain_locked(self, ring: RingTasks) -> None:
-        # A request runs to its used-ring entry even if we are being cancelled
-        # (shutdown): its discard may already have happened. The device shields
-        # the host work it awaits; nothing else here is a checkpoint.
+    def _drain(self, ring: RingFds) -> None:
+        """Answer every request waiting on ``ring`` (the device lock is held)."""
         engine = self.engine
         while (request := engine.take(ring.index, self.max_request)) is not None:
-            response = await self.serve_request(request) if request.chain is not None else b""
+            response = self.serve_request(request) if request.chain is not None else b""
             engine.complete(request, response)
             ring.signal_used()
 
     # --- config-change notifications (backend channel) ---------------------------------
 
-    def notify_config_change(self) -> None:
-        try:
-            self._notify_send.send_nowait(None)
-        except trio.WouldBlock:
-            log.warning("config notifications are backing up; the driver re-reads config anyway")
-
-    async def _send_config_changes(self) -> None:
+    def _send_config_change(self) -> None:
+        if self._backend_sock is None:
+            log.warning("no backend channel (SET_BACKEND_REQ_FD): cannot notify the driver")
+            return
         message = vu.encode(vu.BackendRequest.CONFIG_CHANGE_MSG)  # never NEED_REPLY
-        async for _ in self._notify_recv:
-            if self._backend_sock is None:
-                log.warning("no backend channel (SET_BACKEND_REQ_FD): cannot notify the driver")
-                continue
-            try:
-                await send_all(self._backend_sock, message)
-                if self.tracer:
-                    self.tracer.record(False, vu.BackendRequest.CONFIG_CHANGE_MSG, int(vu.Flags.VERSION),
-                                       b"", 0, channel="backend")
-                log.info("config change notified to the front-end")
-            except OSError as exc:
-                log.error("cannot send CONFIG_CHANGE_MSG: %s", exc)
+        try:
+            self._backend_sock.send(message)
+        except OSError as exc:  # BlockingIOError included: QEMU stopped reading it
+            log.error("cannot send CONFIG_CHANGE_MSG: %s", exc)
+            return
+        if self.tracer:
+            self.tracer.record(False, vu.BackendRequest.CONFIG_CHANGE_MSG, int(vu.Flags.VERSION),
+                               b"", 0, channel="backend")
+        log.info("config change notified to the front-end")

@@ -3,13 +3,16 @@
 The device publishes; each control-socket client subscribes with a bounded
 queue. Publishing never blocks: when a subscriber's queue is full, newer
 events are dropped for it and it later receives one EVENTS_LOST event with
-the count, so a client that stops reading can never hold up the device. A short history lets ``events`` show what
-happened just before a client connected.
+the count, so a client that stops reading can never hold up the device. A
+short history lets ``events`` show what happened just before a client
+connected. The device publishes from a connection's thread as well as from
+Trio: a subscriber is woken through Trio's token from another thread.
 """
 
 from __future__ import annotations
 
 import collections
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -41,12 +44,23 @@ class Subscription:
         self.queue: collections.deque[Event] = collections.deque()
         self.lost = 0  # events dropped since the queue was last full
         self._wakeup: trio.Event | None = None
+        self._token = trio.lowlevel.current_trio_token()
+        self._trio_thread = threading.get_ident()
 
     def push(self, event: Event) -> None:
         if len(self.queue) >= self._limit:
             self.lost += 1
         else:
             self.queue.append(event)
+        if threading.get_ident() == self._trio_thread:
+            self._wake()
+        else:
+            try:
+                self._token.run_sync_soon(self._wake)
+            except trio.RunFinishedError:
+                pass
+
+    def _wake(self) -> None:
         if self._wakeup is not None:
             self._wakeup.set()
 

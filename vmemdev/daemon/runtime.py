@@ -3,13 +3,18 @@ the attached front-end, and owns nothing else.
 
 The device (``virtio_mem.VirtioMem``) outlives front-end connections: a
 restarted VM reconnects to the same bitmap and sizes. The runtime runs the
-host work a request needs on a worker thread, forwards config changes to
-the attached front-end, and watches memory.high.
+host work a request needs (on the connection's thread, without the device
+lock), forwards config changes to the attached front-end, and watches
+memory.high.
+
+``lock`` is the device lock: the attached connection's thread and the
+control plane (Trio) each hold it while they use the device.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import trio
@@ -30,6 +35,7 @@ class DeviceRuntime:
     def __init__(self, geometry: Geometry, requested_size: int = 0, *, limits: Limits | None = None,
                  cgroup: CgroupProbe | None = None, prealloc: bool = False):
         self.events = EventBus()
+        self.lock = threading.Lock()
         self.host = SystemHost()
         self.device = VirtioMem(geometry, requested_size, host=self.host, limits=limits, cgroup=cgroup,
                                 prealloc=prealloc, publish=self.events.publish)
@@ -49,37 +55,45 @@ class DeviceRuntime:
     def connect(self, sock: trio.socket.SocketType, tracer: Any = None) -> FrontendConnection:
         """The connection for a newly accepted front-end; the device borrows its memory."""
         memory = self.host.guest_memory(MAX_MEM_SLOTS)
-        self.frontend = FrontendConnection(sock, self.device, memory, self.serve_request, tracer)
-        self.device.attach(memory)
+        self.frontend = FrontendConnection(sock, self.device, memory, self.serve_request, lock=self.lock,
+                                           tracer=tracer)
+        with self.lock:
+            self.device.attach(memory)
         return self.frontend
 
     def disconnected(self) -> None:
         self.frontend = None
-        self.device.attach(None)
+        with self.lock:
+            self.device.attach(None)
         self.sessions_ended += 1
 
-    async def serve_request(self, request: RingRequest) -> bytes:
+    def serve_request(self, request: RingRequest) -> bytes:
+        """The response to one ring request; called on the connection's thread
+        with the device lock held, which is let go while host work runs."""
         step = self.device.begin(request.data, request.writable)
         if isinstance(step, bytes):
             return step
-        # Shielded: host work that ran is committed (or rolled back) before a
-        # cancellation can land, so the model and the host never diverge.
-        with trio.CancelScope(shield=True):
-            error = await trio.to_thread.run_sync(step.run, self.host, abandon_on_cancel=False)
-            response = self.device.finish(step, error)
-        return response
+        self.lock.release()
+        try:
+            error = step.run(self.host)
+        finally:
+            self.lock.acquire()
+        return self.device.finish(step, error)
 
     # --- operator API (control socket) ----------------------------------------------
 
     def resize(self, requested_size: int, *, reason: str = "operator") -> bool:
         """Raises ConfigError with the reason; notifies the driver once if config changed."""
-        changed = self.device.resize(requested_size, reason=reason)
+        with self.lock:
+            changed = self.device.resize(requested_size, reason=reason)
         if changed:
             self.notify_config_change()
         return changed
 
     def set_limit(self, name: str, value: int | None) -> None:
-        if self.device.set_limit(name, value):
+        with self.lock:
+            changed = self.device.set_limit(name, value)
+        if changed:
             self.notify_config_change()
 
     def notify_config_change(self) -> None:
@@ -88,13 +102,14 @@ class DeviceRuntime:
             log.info("no front-end attached: the driver reads the new config when it probes")
         else:
             frontend.notify_config_change()
-        d = self.device.model
-        self.events.publish("CONFIG_CHANGE_SENT", requested=d.requested_size,
-                            usable=d.usable_region_size, plugged=d.plugged_size,
-                            delivered=frontend is not None)
+        with self.lock:
+            d = self.device.model
+            sizes = dict(requested=d.requested_size, usable=d.usable_region_size, plugged=d.plugged_size)
+        self.events.publish("CONFIG_CHANGE_SENT", **sizes, delivered=frontend is not None)
 
     def status(self) -> dict[str, Any]:
-        out = self.device.status()
+        with self.lock:
+            out = self.device.status()
         out["frontend"] = "attached" if self.frontend_attached else "waiting"
         return out
 
@@ -104,7 +119,9 @@ class DeviceRuntime:
         while True:
             await trio.sleep(interval)
             try:
-                if self.device.enforce_memory_high():
+                with self.lock:
+                    changed = self.device.enforce_memory_high()
+                if changed:
                     self.notify_config_change()
             except OSError as exc:
                 log.warning("cannot measure the device footprint: %s", exc)

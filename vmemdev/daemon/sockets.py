@@ -20,22 +20,29 @@ TRANSIENT_ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
 async def bind_unix_listener(path: str, backlog: int = 16) -> trio.socket.SocketType:
     """Listen on ``path`` (mode 0600: created under umask 0177, never briefly open).
 
-    A stale socket from an earlier run is replaced; any other file is refused.
+    The path appears only once the socket listens (bound under a temporary
+    name, then renamed), so a client that connects as soon as it sees the
+    file is never refused. A stale socket from an earlier run is replaced;
+    any other file is refused.
     """
-    if os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise VmemdevError(f"{path} exists and is not a socket")
-        os.unlink(path)
+    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise VmemdevError(f"{path} exists and is not a socket")
+    temporary = path + ".new"  # short: sun_path holds 107 bytes
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
-        await sock.bind(path)
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+        await sock.bind(temporary)
+        sock.listen(backlog)
+        os.rename(temporary, path)
     except OSError as exc:
         sock.close()
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
         raise VmemdevError(f"cannot listen on {path}: {exc}") from exc
     finally:
         os.umask(old_umask)
-    sock.listen(backlog)
     return sock
 
 
@@ -48,7 +55,7 @@ async def accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
         except OSError as exc:
             if exc.errno not in TRANSIENT_ACCEPT_ERRORS:
                 raise
-            log.error("accept on %s failed (%s); retrying in 100 ms", listener.getsockname(), exc)
+            log.error("accept failed (%s); retrying in 100 ms", exc)
             await trio.sleep(0.1)
 
 

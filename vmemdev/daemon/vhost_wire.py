@@ -10,9 +10,7 @@ from __future__ import annotations
 import array
 import os
 import socket
-from collections.abc import Iterable
-
-import trio
+from collections.abc import Callable, Iterable
 
 from ..errors import PeerError
 from ..protocol import vhost_user as vu
@@ -48,12 +46,14 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]], fds: list[int]) -> None:
             fds.extend(array.array("i", data[:usable]))
 
 
-async def read_message(sock: trio.socket.SocketType) -> tuple[int, int, bytes, tuple[int, ...]]:
-    """Read one (request, flags, payload, fds); raises ConnectionClosed at EOF.
+def read_message(sock: socket.socket, wait_readable: Callable[[], None]) -> tuple[int, int, bytes, tuple[int, ...]]:
+    """Read one (request, flags, payload, fds) from a non-blocking socket;
+    ``wait_readable`` blocks until more may be read (and may raise to give up).
 
-    A header we cannot trust to find the next message (version, size bound)
-    raises ConnectionClosed; a whole message whose fds were cut off raises
-    RefusedMessage. Either way the fds that came with it are closed.
+    EOF raises ConnectionClosed. A header we cannot trust to find the next
+    message (version, size bound) raises ConnectionClosed; a whole message
+    whose fds were cut off raises RefusedMessage. Either way the fds that
+    came with it are closed.
     """
     header = b""
     fds: list[int] = []
@@ -61,11 +61,14 @@ async def read_message(sock: trio.socket.SocketType) -> tuple[int, int, bytes, t
     try:
         while len(header) < vu.HEADER.size:
             try:
-                data, ancdata, flags, _ = await sock.recvmsg(
+                data, ancdata, flags, _ = sock.recvmsg(
                     vu.HEADER.size - len(header),
                     socket.CMSG_SPACE(vu.MAX_FDS * FD_BYTES),
                     socket.MSG_CMSG_CLOEXEC,
                 )
+            except BlockingIOError:
+                wait_readable()
+                continue
             except OSError as exc:
                 raise ConnectionClosed(f"front-end connection failed: {exc}") from exc
             _take_fds(ancdata, fds)
@@ -82,12 +85,10 @@ async def read_message(sock: trio.socket.SocketType) -> tuple[int, int, bytes, t
         payload = b""
         while len(payload) < size:
             try:
-                # The payload is normally already here: take it without a trip
-                # through the scheduler (a Trio socket op always yields once).
-                try:
-                    data = os.read(sock.fileno(), size - len(payload))
-                except BlockingIOError:
-                    data = await sock.recv(size - len(payload))
+                data = sock.recv(size - len(payload))
+            except BlockingIOError:
+                wait_readable()
+                continue
             except OSError as exc:
                 raise ConnectionClosed(f"front-end connection failed: {exc}") from exc
             if not data:

@@ -107,11 +107,8 @@ class MappedRegion:
 class SharedRingAccess:
     """Ring index accesses through the C shim: single, ordered loads and stores."""
 
-    def load_acquire_u16(self, address: int) -> int:
-        return native.load_acquire_u16(address)
-
-    def publish_used(self, elem_address: int, head: int, written: int, idx_address: int, idx: int) -> None:
-        native.publish_used(elem_address, head, written, idx_address, idx)
+    load_acquire_u16 = staticmethod(native.load_acquire_u16)
+    publish_used = staticmethod(native.publish_used)
 
 
 class GuestMemory(GpaAccess):

@@ -24,7 +24,7 @@ import contextlib
 import mmap
 import operator
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from errno import E2BIG
 
 from ..errors import NativeError
@@ -263,11 +263,8 @@ def buffer_address(buf: mmap.mmap | bytearray) -> int:
 # come from bounds-checked, aligned ring areas).
 
 
-def load_acquire_u16(addr: int) -> int:
-    """One aligned 16-bit load with acquire ordering."""
-    return int(lib.vmem_load_acquire_u16(addr))
-
-
-def publish_used(elem_addr: int, head: int, written: int, idx_addr: int, idx: int) -> None:
-    """The used element, then used.idx in one 16-bit release store."""
-    lib.vmem_publish_used(elem_addr, head, written, idx_addr, idx)
+# The shim's functions themselves: a Python wrapper would double their cost.
+load_acquire_u16: Callable[[int], int] = lib.vmem_load_acquire_u16
+"""One aligned 16-bit load with acquire ordering."""
+publish_used: Callable[[int, int, int, int, int], None] = lib.vmem_publish_used
+"""The used element (address, id, len), then used.idx (address, value) in one 16-bit release store."""

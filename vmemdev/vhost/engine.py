@@ -9,9 +9,10 @@ signal through this call fd, take this backend channel) for the daemon, who
 owns them. Ring requests leave through ``take`` and return through
 ``complete``; what a request means is the device's business.
 
-Messages that change what an in-flight request may be using (memory table,
-ring configuration, ring stop, resets) are listed in ``QUIESCE``: the daemon
-waits for the request in flight before it hands them in.
+The engine is not thread-safe, and a message that changes what a request
+uses (memory table, ring configuration, ring stop, resets) must not arrive
+between ``take`` and ``complete``: the daemon calls it from one thread that
+answers a request before it reads the next message.
 """
 
 from __future__ import annotations
@@ -56,13 +57,6 @@ GATED: dict[int, ProtocolFeature] = {
     Request.GET_STATUS: ProtocolFeature.STATUS,
     Request.RESET_DEVICE: ProtocolFeature.RESET_DEVICE,
 }
-
-QUIESCE = frozenset({
-    Request.RESET_OWNER, Request.RESET_DEVICE,
-    Request.SET_MEM_TABLE, Request.ADD_MEM_REG, Request.REM_MEM_REG,
-    Request.SET_VRING_NUM, Request.SET_VRING_ADDR, Request.SET_VRING_BASE, Request.GET_VRING_BASE,
-})
-
 
 # --- effects: what the daemon must do with the fds a message brought ---------
 
