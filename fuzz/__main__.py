@@ -2,6 +2,7 @@
 
     python -m fuzz TARGET [--runs N] [--max-len N]     # TARGET from fuzz/targets.py, or "all"
 
+atheris is the `fuzz` extra: pip install -e '.[fuzz]'.
 The corpus grows in fuzz/corpus/TARGET (kept in git: tests replay it);
 a crash is written to fuzz/crashes/TARGET/ and fails the run. Prints the
 number of inputs executed per target.
@@ -19,7 +20,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def run_one(target: str, runs: int, max_len: int) -> int:
-    import atheris
+    try:
+        import atheris
+    except ImportError:
+        print("python -m fuzz needs atheris: pip install -e '.[fuzz]'", file=sys.stderr)
+        return 2
 
     with atheris.instrument_imports():
         from fuzz import targets  # noqa: F401

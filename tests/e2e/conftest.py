@@ -62,6 +62,12 @@ def guestlab_info():
     if info.get("up_to_date") is False:
         pytest.fail("the guestlab cache is out of date with its recipe (scripts/guestlab, "
                     "tests/e2e/guest/init): run scripts/guestlab provision", pytrace=False)
+    versions = info["versions"]
+    harness.LAB_VERSIONS.update(qemu=versions["qemu"], guest_kernel=versions["kernel_release"],
+                                guest_kernel_package=versions["kernel_package"])
+    if versions["broken_promise"]:
+        pytest.fail(f"the guest lab is not what README.md promises: {versions['broken_promise']}",
+                    pytrace=False)
     return info
 
 
@@ -102,6 +108,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     tr = terminalreporter
     tr.section("vmemdev e2e: timings (seconds), vmemdev vs QEMU's virtio-mem-pci")
+    lab = harness.LAB_VERSIONS
+    tr.write_line(f"lab: QEMU {lab.get('qemu')}, guest Linux {lab.get('guest_kernel')}")
     tr.write_line(harness.timings_table())
     if harness.NOTES:
         tr.write_line("")
@@ -121,7 +129,7 @@ def pytest_sessionfinish(session, exitstatus):
     meta = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "tier_seconds": round(time.monotonic() - session.config._e2e_t0, 1),
             "exitstatus": int(exitstatus), "host": platform.node(),
-            "cpus": os.cpu_count()}
+            "cpus": os.cpu_count(), **harness.LAB_VERSIONS}
     try:
         harness.write_timings(TIMINGS_FILE, meta)
     except OSError:

@@ -79,6 +79,8 @@ TIMINGS: dict[str, dict[str, dict[str, float]]] = {}
 # scenario -> device kind -> observable results (compared between devices)
 OBSERVED: dict[str, dict[str, object]] = {}
 NOTES: list[str] = []
+# What the guest lab installed (scripts/guestlab info), for the report's meta.
+LAB_VERSIONS: dict[str, str] = {}
 
 
 def record(scenario: str, metric: str, kind: str, value: float) -> None:

@@ -11,6 +11,7 @@ failure never leaks into the next test. Scenarios (issue 3):
   e  guest reboot with memory plugged: UNPLUG_ALL at probe, plugs again
   f  guest poweroff: QEMU exits, the daemon stays healthy and serves the next VM
   g  `vmemdev ctl resize --wait`; memory.max caps, shrinks, NACKs are harmless
+  g' --cgroup headroom: a plug that does not fit the VM's cgroup is refused
   h  every test: no virtio_mem error / "marking device broken" in the guest
 
 Results that must match between vmemdev and QEMU's device (MemTotal steps,
@@ -523,22 +524,35 @@ def test_g_ctl_wait_and_memory_max(lab):
 # --------------------------------------------------------------------------
 
 
-def child_memory_cgroup() -> str | None:
-    root = "/sys/fs/cgroup/memory"
-    if not os.path.exists(os.path.join(root, "memory.limit_in_bytes")) or not os.access(root, os.W_OK):
-        return None
+CGROUP_V1_MEMORY = "/sys/fs/cgroup/memory"
+
+
+def child_memory_cgroup() -> str:
+    """A new child of this process's cgroup v1 memory cgroup. The e2e tier runs
+    as root on cgroup v1 (CI too): if it cannot be made, the environment is
+    broken and g' fails saying so; a skip would hide that g' never ran."""
     own = next((line.split(":", 2)[2].strip() for line in open("/proc/self/cgroup")
                 if line.split(":")[1] == "memory"), "/")
-    path = os.path.join(root + own, f"vmemdev-e2e-{uuid.uuid4().hex[:8]}")
-    os.mkdir(path)
+    path = os.path.join(CGROUP_V1_MEMORY + own, f"vmemdev-e2e-{uuid.uuid4().hex[:8]}")
+    needs = (f"g' needs a cgroup v1 memory controller mounted at {CGROUP_V1_MEMORY} "
+             f"in which root can create a child cgroup")
+    error = None
+    try:
+        os.mkdir(path)
+    except OSError as exc:
+        error = f"{exc.strerror} (errno {exc.errno})"
+    if error:  # failed outside the except: no chained OSError traceback above the message
+        pytest.fail(f"cannot create the test cgroup {path}: {error}; {needs}", pytrace=False)
+    if not os.path.exists(os.path.join(path, "memory.limit_in_bytes")):
+        os.rmdir(path)
+        pytest.fail(f"{path} was created but has no memory.limit_in_bytes (not cgroup v1 memory); {needs}",
+                    pytrace=False)
     return path
 
 
 @pytest.fixture
 def memory_cgroup():
     path = child_memory_cgroup()
-    if path is None:
-        pytest.skip("needs a writable cgroup v1 memory controller (/sys/fs/cgroup/memory)")
     yield path
     # (requested before `lab` by the test, so torn down after it: the daemon is gone)
     for _ in range(100):
