@@ -475,6 +475,14 @@ def roundtrips(run: Run) -> dict:
             run.target("3 round trip", f"{kind} p50 [{pl}]", v["p50_us"], 100, "<=", " µs")
             run.target("3 round trip", f"{kind} p99 [{pl}]", v["p99_us"], 500, "<=", " µs",
                        f"same-run ping-pong p99: Trio {base['p99_us']:.0f} µs, C {s[PP_C]['p99_us']:.0f} µs")
+        # Issue 13's targets: against the plain-Python floors (a blocking
+        # eventfd ping-pong, a socket echo), both peers in separate processes.
+        for kind, floor, ratio in (("STATE", PP_PY, 2), ("GET_CONFIG", SE_PY, 1.5)):
+            v, f = s[kind], s[floor]
+            run.target("13 vCPU path", f"{kind} p50 / {floor} p50 [{pl}]", v["p50_us"] / f["p50_us"], ratio, "<=", "x",
+                       f"{v['p50_us']:.0f} µs vs {f['p50_us']:.0f} µs")
+            run.target("13 vCPU path", f"{kind} p99 / {floor} p99 [{pl}]", v["p99_us"] / f["p99_us"], 4, "<=", "x",
+                       f"{v['p99_us']:.0f} µs vs {f['p99_us']:.0f} µs")
         g = s["GET_CONFIG"]
         run.target("4 GET_CONFIG", f"GET_CONFIG p50 [{pl}]", g["p50_us"], 50, "<=", " µs",
                    f"{g['p50_us'] / s[SE_TRIO]['p50_us']:.1f}x the Trio socket echo, "
