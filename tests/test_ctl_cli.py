@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import pytest
 import trio
 
 from vmemdev.host.cgroup import Cgroup
+from vmemdev.host.interface import CgroupReading
 from vmemdev.protocol.virtio_mem import ResponseType
 from vmemdev.testing.frontend import Frontend
 from vmemdev.testing.guest import SimulatedLinuxGuest
@@ -139,13 +141,24 @@ async def test_ctl_without_a_daemon_says_so(tmp_path):
 
 
 def test_cgroup_v2_files_are_read(tmp_path):
-    (tmp_path / "memory.max").write_text("max\n")
-    (tmp_path / "memory.current").write_text("1048576\n")
-    cg = Cgroup(str(tmp_path))
-    assert cg.version == 2 and cg.read().limit is None and cg.check_headroom(1 << 40) is None
-    (tmp_path / "memory.max").write_text(str(64 * MiB))
-    assert cg.check_headroom(32 * MiB) is None
-    assert "headroom" in cg.check_headroom(63 * MiB)  # 63M + margin > 64M - 1M
+    """memory.current against the lower of memory.max and memory.high, at every
+    level up to the root; the level with the least headroom binds."""
+    vm = tmp_path / "machine" / "vm0"
+    vm.mkdir(parents=True)
+    for level, (high, max_, current) in {tmp_path / "machine": ("max", str(1 << 30), str(900 * MiB)),
+                                         vm: ("max", "max", str(MiB))}.items():
+        (level / "memory.high").write_text(high + "\n")
+        (level / "memory.max").write_text(max_ + "\n")
+        (level / "memory.current").write_text(current + "\n")
+    cg = Cgroup(str(vm))
+    assert cg.version == 2
+    # The parent binds: 1G - 900M = 124M of headroom, vs. none set on vm0 itself.
+    assert cg.read() == CgroupReading(1 << 30, 900 * MiB, str(tmp_path / "machine"))
+    (vm / "memory.high").write_text(str(64 * MiB))  # crossing high throttles: it counts
+    assert cg.read() == CgroupReading(64 * MiB, MiB, str(vm))
+    (vm / "memory.high").write_text("max")
+    (tmp_path / "machine" / "memory.max").write_text("max")
+    assert cg.read().limit is None
 
 
 def test_not_a_cgroup_is_a_clear_error(tmp_path):
@@ -211,8 +224,9 @@ async def test_prealloc_charges_a_real_cgroup_and_headroom_stops_plugs(nursery, 
         rc, out, _ = await ctl(daemon, "--json", "stats")
         assert json.loads(out)["busy_by_reason"] == {"cgroup": 1}
         rc, out, _ = await ctl(daemon, "limits")
-        assert child_cgroup in out and "limit 384M" in out
-        assert "has" in daemon.logs() and "bytes of headroom" in daemon.logs()
+        assert child_cgroup in out and re.search(r"limit +384M", out) and re.search(r"band +32M", out)
+        assert re.search(r"refused \(BUSY\): cgroup .*: limit 384M, usage .*, band 32M: room .*, 129M needed",
+                         daemon.logs())
         await fe.close()
         fe.release()
     finally:

@@ -9,9 +9,10 @@ import pytest
 
 from vmemdev.errors import ConfigError
 from vmemdev.host.fake import FakeHost, FakeMemory
-from vmemdev.host.interface import CgroupReading
+from vmemdev.host.interface import Backing, CgroupReading
 from vmemdev.protocol.virtio_mem import BlockState, MemRequest, MemResponse, RequestType, ResponseType
-from vmemdev.virtio_mem.device import HostWork, VirtioMem
+from vmemdev.virtio_mem.device import POPULATE_CHUNK, HostWork, VirtioMem, chunks
+from vmemdev.virtio_mem.headroom import HeadroomRule, cost
 from vmemdev.virtio_mem.limits import Limits
 from vmemdev.virtio_mem.model import Geometry
 
@@ -22,17 +23,20 @@ R = 256 * MiB
 
 
 class FakeCgroup:
+    """A cgroup whose usage follows the fake host's allocation plus ``other``
+    (what the rest of the cgroup holds), as a cgroup's page counter would."""
+
     path = "/fake"
     version = 2
 
-    def __init__(self, room: int | None):
-        self.room = room
+    def __init__(self, limit: int | None, host: FakeHost | None = None, other: int = 0):
+        self.limit, self.host, self.other = limit, host, other
+        self.reads = 0
 
     def read(self) -> CgroupReading:
-        return CgroupReading(None if self.room is None else 1 << 30, 0)
-
-    def check_headroom(self, size: int) -> str | None:
-        return None if self.room is None or size <= self.room else f"only {self.room} bytes of headroom"
+        self.reads += 1
+        allocated = len(self.host.pages) * FakeHost.PAGE if self.host else 0
+        return CgroupReading(self.limit, self.other + allocated, self.path)
 
 
 class Device:
@@ -117,10 +121,80 @@ def test_memory_max_nacks_with_an_event():
 
 
 def test_cgroup_without_room_is_busy_not_nack():
-    d = Device(cgroup=FakeCgroup(room=B))
+    cg = FakeCgroup(limit=cost(B) + MiB)
+    d = Device(cgroup=cg, headroom=HeadroomRule(band=MiB))
     assert d.request(RequestType.PLUG, A, 1).type == ResponseType.ACK
-    assert d.request(RequestType.PLUG, A + B, 2).type == ResponseType.BUSY
+    assert d.request(RequestType.PLUG, A + B, 1).type == ResponseType.BUSY
     assert d.dev.stats.busy_by_reason["cgroup"] == 1
+    busy = dict(d.events)["BUSY"]
+    assert busy["reason"] == "cgroup" and "plugged but not yet allocated 2.0M" in busy["detail"]
+
+
+def test_plugged_but_unallocated_memory_counts_as_used():
+    """Without --prealloc a plug costs nothing now; the guest's writes are
+    charged later, so what is plugged and unwritten is counted already."""
+    d = Device()
+    cg = FakeCgroup(limit=10 * B, host=d.host)
+    d.dev.cgroup, d.dev.headroom = cg, HeadroomRule(band=0)
+    for i in range(9):
+        assert d.request(RequestType.PLUG, A + i * B, 1).type == ResponseType.ACK
+    # 9 blocks plugged, none written: usage 0, but the 10th would not fit with the overhead.
+    assert cg.read().usage == 0
+    assert d.request(RequestType.PLUG, A + 9 * B, 1).type == ResponseType.BUSY
+    report = d.dev.limits_report()["cgroup"]
+    assert report["unallocated"] == 9 * B and report["committed"] == cost(9 * B)
+    assert report["room"] == 10 * B - cost(9 * B)
+    # The guest writing what it has moves it from "committed" to "usage": no new room.
+    d.host.touch(A, 9 * B)
+    assert d.dev.limits_report()["cgroup"]["unallocated"] == 0
+    assert d.request(RequestType.PLUG, A + 9 * B, 1).type == ResponseType.BUSY
+    # Unplugging gives room back.
+    assert d.request(RequestType.UNPLUG, A, 2).type == ResponseType.ACK
+    assert d.request(RequestType.PLUG, A + 9 * B, 1).type == ResponseType.ACK
+
+
+def test_the_band_and_the_overhead_are_reserved():
+    rule = HeadroomRule(band=8 * MiB)
+    reading = CgroupReading(limit=100 * MiB, usage=40 * MiB, limited_by="/parent")
+    a = rule.assess("/vm", reading, unallocated=20 * MiB, size=30 * MiB)
+    assert a.committed == cost(20 * MiB) == 20 * MiB + 160 * 1024
+    assert a.room == 100 * MiB - 40 * MiB - cost(20 * MiB) - 8 * MiB
+    assert a.need == cost(30 * MiB) and a.fits
+    assert not rule.assess("/vm", reading, 20 * MiB, 32 * MiB).fits
+    assert "(limited by /parent)" in a.reason() and "band 8M" in a.reason()
+    assert rule.assess("/vm", CgroupReading(None, 1 << 40), 1 << 40, 1 << 40).fits
+
+
+def test_prealloc_stops_between_chunks_and_rolls_back():
+    """The cgroup fills up while a 128 MiB plug is being preallocated (another
+    process grows): the populate stops before the limit, takes back what it
+    allocated, and the plug is BUSY with the reason."""
+    d = Device(requested=R, prealloc=True)
+    cg = FakeCgroup(limit=200 * MiB, host=d.host)
+    d.dev.cgroup, d.dev.headroom = cg, HeadroomRule(band=4 * MiB)
+    step = d.dev.begin(MemRequest(RequestType.PLUG, A, 64).pack(), 10)
+    assert isinstance(step, HostWork) and step.guard is not None
+    cg.other = 100 * MiB  # after the decision, before the work
+    answer = MemResponse.unpack(d.dev.finish(step, step.run(d.host)))
+    assert answer.type == ResponseType.BUSY and d.dev.plugged_size == 0
+    assert d.host.pages == set()  # rolled back
+    populated = [length for op, _, length in d.host.calls if op == "populate"]
+    assert populated and max(populated) <= POPULATE_CHUNK and sum(populated) < 128 * MiB
+    assert d.dev.stats.busy_by_reason["cgroup"] == 1
+    assert "limit 200M" in dict(d.events)["BUSY"]["detail"]
+    # With room, the same plug goes through in chunks, the cgroup read before each.
+    cg.other, reads = 0, cg.reads
+    assert d.request(RequestType.PLUG, A, 64).type == ResponseType.ACK
+    assert cg.reads - reads == 1 + 128 * MiB // POPULATE_CHUNK
+    assert d.dev.footprint().allocated == 128 * MiB
+
+
+def test_chunks_cut_pieces_at_the_chunk_size():
+    pieces = [Backing(3, 0, 5 * MiB, 0x1000_0000, A), Backing(4, MiB, 6 * MiB, 0x2000_0000, A + 5 * MiB)]
+    out = chunks(pieces, 4 * MiB)
+    assert [[(p.fd, p.file_offset, p.length) for p in c] for c in out] == [
+        [(3, 0, 4 * MiB)], [(3, 4 * MiB, MiB), (4, MiB, 3 * MiB)], [(4, 4 * MiB, 3 * MiB)]]
+    assert out[1][1].gpa == A + 5 * MiB and out[2][0].address == 0x2000_0000 + 3 * MiB
 
 
 def test_unshared_region_is_busy():

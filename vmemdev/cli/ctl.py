@@ -95,12 +95,23 @@ def human_accounting(a: dict) -> str:
     return "\n".join(lines)
 
 
+def _mib(value: int | None) -> str:
+    if value is None:
+        return "max"
+    return format_size(value) if value % (1 << 20) == 0 else f"{value / (1 << 20):.1f}M"
+
+
 def human_limits(lim: dict) -> str:
     out = [f"{name:<12} {limit_value(lim[name])}" for name in LIMIT_NAMES]
     if "cgroup" in lim:
         c = lim["cgroup"]
-        out.append(f"cgroup       {c['path']} (v{c['version']}): usage {format_size(c['usage'])}, "
-                   f"limit {'max' if c['limit'] is None else format_size(c['limit'])}")
+        binding = "" if c["limited_by"] in (None, c["path"]) else f", limited by {c['limited_by']}"
+        out += [f"cgroup       {c['path']} (v{c['version']}{binding})",
+                f"  limit                          {_mib(c['limit'])}",
+                f"  usage (what the kernel checks) {_mib(c['usage'])}",
+                f"  plugged, not yet allocated     {_mib(c['committed'])} ({_mib(c['unallocated'])} + kernel overhead)",
+                f"  band                           {_mib(c['band'])}",
+                f"  room for the next plug         {_mib(c['room'])}"]
     return "\n".join(out)
 
 

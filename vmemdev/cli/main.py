@@ -17,9 +17,10 @@ import trio
 from .. import __version__
 from ..daemon import systemd
 from ..errors import ConfigError, VmemdevError
-from ..sizes import parse_size
+from ..sizes import format_size, parse_size
 from ..vhost.engine import OFFERED_PROTOCOL_FEATURES, TRANSPORT_FEATURES
 from ..virtio_mem.device import VirtioMem
+from ..virtio_mem.headroom import DEFAULT_BAND, HeadroomRule
 from ..virtio_mem.limits import LIMIT_NAMES, MEMORY_HIGH, MEMORY_MAX, Limits
 from ..virtio_mem.model import Geometry, check_block_multiple
 
@@ -150,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ask the guest to shrink when the host footprint exceeds this")
     serve.add_argument("--cgroup", metavar="PATH",
                        help="the VM's memory cgroup (v1 or v2): plugs need headroom in it")
+    serve.add_argument("--cgroup-band", type=_size_arg("cgroup band"), default=DEFAULT_BAND, metavar="SIZE",
+                       help="with --cgroup, room a plug must leave free for charge batches and the "
+                            f"growth of the cgroup's processes (default {format_size(DEFAULT_BAND)})")
     serve.add_argument("--prealloc", action="store_true",
                        help="allocate plugged blocks on the host before acknowledging a plug")
     _device_options(serve)
@@ -232,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                     check_block_multiple("--" + name.replace(".", "-"), value, geometry.block_size)
             cgroup = Cgroup(args.cgroup) if args.cgroup else None
         runtime = DeviceRuntime(geometry, args.requested_size, limits=limits, cgroup=cgroup,
+                                headroom=HeadroomRule(getattr(args, "cgroup_band", DEFAULT_BAND)),
                                 prealloc=getattr(args, "prealloc", False))
     except ConfigError as exc:
         parser.error(str(exc))

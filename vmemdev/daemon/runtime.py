@@ -23,6 +23,7 @@ from ..host.interface import CgroupProbe
 from ..host.system import SystemHost
 from ..vhost.engine import MAX_MEM_SLOTS, RingRequest
 from ..virtio_mem.device import VirtioMem
+from ..virtio_mem.headroom import HeadroomRule
 from ..virtio_mem.limits import Limits
 from ..virtio_mem.model import Geometry
 from .connection import FrontendConnection
@@ -33,12 +34,13 @@ log = logging.getLogger(__name__)
 
 class DeviceRuntime:
     def __init__(self, geometry: Geometry, requested_size: int = 0, *, limits: Limits | None = None,
-                 cgroup: CgroupProbe | None = None, prealloc: bool = False):
+                 cgroup: CgroupProbe | None = None, headroom: HeadroomRule | None = None,
+                 prealloc: bool = False):
         self.events = EventBus()
         self.lock = threading.Lock()
         self.host = SystemHost()
         self.device = VirtioMem(geometry, requested_size, host=self.host, limits=limits, cgroup=cgroup,
-                                prealloc=prealloc, publish=self.events.publish)
+                                headroom=headroom, prealloc=prealloc, publish=self.events.publish)
         self.frontend: FrontendConnection | None = None
         self.sessions_ended = 0  # front-end connections served to the end
 

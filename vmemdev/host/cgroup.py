@@ -1,15 +1,19 @@
-"""Host-side limits: the VM's memory cgroup, read the way the kernel documents.
+"""The VM's memory cgroup, read as the kernel enforces it.
 
-cgroup v1 (memory controller): the limit is ``memory.limit_in_bytes`` (and
-``hierarchical_memory_limit`` in memory.stat, which folds in the parents);
-usage is taken from memory.stat (``total_rss + total_cache``, cache
-including shmem) because ``usage_in_bytes`` is documented as fuzzy.
-cgroup v2: ``memory.max`` and ``memory.current``.
+The kernel charges a page to the cgroup of the task that allocates it and
+refuses a charge when *any* cgroup from there up to the root is at its
+limit (reclaim, then the OOM killer). So the figures that matter are, at
+every level, the limit and the counter the kernel compares with it:
 
-A plug is acknowledged only if the cgroup has headroom for it plus a
-page-table margin (1/512 of the size, what the guest's page tables and the
-host's cost at most on x86-64): a cgroup at its hard limit OOM-kills, so
-the device answers BUSY instead (the driver retries on a timer).
+- v1: ``memory.limit_in_bytes`` and ``memory.usage_in_bytes`` (the page
+  counter itself, kernel memory and per-CPU charge batches included; the
+  "fuzzy" of the documentation is exactly what the kernel checks);
+  ancestors count while ``memory.use_hierarchy`` is 1.
+- v2: ``memory.current`` against the lower of ``memory.max`` and
+  ``memory.high`` (above high the cgroup's tasks are throttled).
+
+``read`` returns the level with the least headroom. What a plug may take
+of it is decided in ``vmemdev.virtio_mem.headroom``.
 """
 
 from __future__ import annotations
@@ -22,16 +26,12 @@ from .interface import CgroupReading
 V1_UNLIMITED = 1 << 62  # v1 reports "no limit" as a value near 2^63
 
 
-def page_table_margin(size: int) -> int:
-    return -(-size // 512)
-
-
 class Cgroup:
     def __init__(self, path: str):
-        self.path = path
-        if os.path.exists(os.path.join(path, "memory.limit_in_bytes")):
+        self.path = os.path.realpath(path)
+        if os.path.exists(os.path.join(self.path, "memory.limit_in_bytes")):
             self.version = 1
-        elif os.path.exists(os.path.join(path, "memory.max")):
+        elif os.path.exists(os.path.join(self.path, "memory.max")):
             self.version = 2
         else:
             raise ConfigError(
@@ -41,37 +41,42 @@ class Cgroup:
             )
         self.read()  # fail now, at start-up, if it cannot be read
 
-    def _file(self, name: str) -> str:
-        with open(os.path.join(self.path, name)) as f:
-            return f.read()
-
-    def _stat(self) -> dict[str, int]:
-        out = {}
-        for line in self._file("memory.stat").splitlines():
-            key, _, value = line.partition(" ")
-            if value.strip().isdigit():
-                out[key] = int(value)
-        return out
-
     def read(self) -> CgroupReading:
-        """Limit and usage now; raises OSError if the cgroup went away."""
-        if self.version == 1:
-            stat = self._stat()
-            limit = min(int(self._file("memory.limit_in_bytes")),
-                        stat.get("hierarchical_memory_limit", V1_UNLIMITED))
-            usage = stat.get("total_rss", stat.get("rss", 0)) + stat.get("total_cache", stat.get("cache", 0))
-            return CgroupReading(None if limit >= V1_UNLIMITED else limit, usage)
-        raw = self._file("memory.max").strip()
-        return CgroupReading(None if raw == "max" else int(raw), int(self._file("memory.current")))
+        """The binding limit and its usage now; raises OSError if the cgroup went away."""
+        levels = [self._level(path) for path in self._hierarchy()]
+        limited = [r for r in levels if r.limit is not None]
+        if not limited:
+            return CgroupReading(None, levels[0].usage, None)
+        return min(limited, key=lambda r: r.limit - r.usage)  # type: ignore[operator]
 
-    def check_headroom(self, size: int) -> str | None:
-        """None if ``size`` more bytes fit; otherwise the reason, for the log and the BUSY."""
-        reading = self.read()
-        room = reading.headroom()
-        need = size + page_table_margin(size)
-        if room is not None and room < need:
-            return (
-                f"cgroup {self.path} has {max(room, 0)} bytes of headroom "
-                f"(limit {reading.limit}, usage {reading.usage}), {need} needed"
-            )
-        return None
+    def _hierarchy(self) -> list[str]:
+        """This cgroup and the ancestors whose limits apply to it."""
+        paths = [self.path]
+        counter = "memory.usage_in_bytes" if self.version == 1 else "memory.max"
+        while True:
+            parent = os.path.dirname(paths[-1])
+            if parent == paths[-1] or not os.path.exists(os.path.join(parent, counter)):
+                return paths
+            if self.version == 1 and _read(parent, "memory.use_hierarchy").strip() != "1":
+                return paths
+            paths.append(parent)
+
+    def _level(self, path: str) -> CgroupReading:
+        if self.version == 1:
+            raw = int(_read(path, "memory.limit_in_bytes"))
+            usage = int(_read(path, "memory.usage_in_bytes"))
+            return CgroupReading(None if raw >= V1_UNLIMITED else raw, usage, path)
+        limits = [int(v) for v in (_read(path, "memory.max").strip(), _read_high(path)) if v != "max"]
+        return CgroupReading(min(limits) if limits else None, int(_read(path, "memory.current")), path)
+
+
+def _read(path: str, name: str) -> str:
+    with open(os.path.join(path, name)) as f:
+        return f.read()
+
+
+def _read_high(path: str) -> str:
+    try:
+        return _read(path, "memory.high").strip()
+    except FileNotFoundError:
+        return "max"

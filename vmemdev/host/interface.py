@@ -51,8 +51,11 @@ class Host(Protocol):
 
 @dataclass(frozen=True)
 class CgroupReading:
-    limit: int | None  # None: no limit
-    usage: int
+    """The limit that binds first and the counter the kernel compares with it."""
+
+    limit: int | None  # None: no limit on the way to the root
+    usage: int  # the charge counter of the cgroup that sets ``limit``
+    limited_by: str | None = None  # that cgroup's path (this one or an ancestor)
 
     def headroom(self) -> int | None:
         return None if self.limit is None else self.limit - self.usage
@@ -63,9 +66,5 @@ class CgroupProbe(Protocol):
     version: int
 
     def read(self) -> CgroupReading:
-        """Limit and usage now; raises OSError."""
-        ...
-
-    def check_headroom(self, size: int) -> str | None:
-        """None if ``size`` more bytes fit; otherwise the reason."""
+        """The binding limit and its usage now; raises OSError."""
         ...

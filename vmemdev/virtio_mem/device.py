@@ -7,6 +7,8 @@ at once or a ``HostWork`` (discard or populate these pieces) comes back. The
 daemon runs that work on a worker thread (``HostWork.run``) and hands the
 result to ``finish``, which commits the model only if the host did its part.
 BUSY, never ERROR, when the host cannot: Linux retries BUSY on a timer.
+With a cgroup, a plug must fit it (``headroom``), and a preallocation is
+made in chunks, each checked again, so it stops before the limit.
 
 The memory of the attached front-end is borrowed (``attach``/``detach``):
 the connection owns it; the device only translates through it.
@@ -26,6 +28,7 @@ from ..protocol import virtio_mem as vm
 from ..protocol.virtio_mem import MemRequest, RequestType, ResponseType
 from ..sizes import format_size
 from .accounting import Footprint, footprint, memmap_estimate
+from .headroom import Assessment, HeadroomRule
 from .limits import MEMORY_HIGH, MEMORY_MAX, Limits
 from .model import BUSY, NACK, Answer, Geometry, Plug, Unplug, UnplugAll, VirtioMemModel
 from .stats import Stats
@@ -53,6 +56,16 @@ def _no_events(name: str, /, **data: Any) -> None:
     return None
 
 
+POPULATE_CHUNK = 16 << 20  # a preallocation checks the cgroup again every chunk
+
+
+class HeadroomExhausted(HostError):
+    """A preallocation stopped because the cgroup ran out of room."""
+
+
+Guard = Callable[[int], "str | None"]  # guard(bytes about to be allocated) -> refusal reason
+
+
 @dataclass
 class HostWork:
     """Host work a request needs before it can be answered."""
@@ -63,6 +76,7 @@ class HostWork:
     gpa: int
     size: int
     started: float = field(default_factory=time.perf_counter)
+    guard: Guard | None = None  # checked before each populate chunk
 
     @property
     def kind(self) -> str:
@@ -75,10 +89,16 @@ class HostWork:
         A populate that fails is rolled back, so a BUSY leaves nothing allocated.
         """
         try:
-            if self.populate:
+            if not self.populate:
+                host.discard(self.pieces)
+            elif self.guard is None:
                 host.populate(self.pieces)
             else:
-                host.discard(self.pieces)
+                for chunk in chunks(self.pieces, POPULATE_CHUNK):
+                    refusal = self.guard(sum(p.length for p in chunk))
+                    if refusal:
+                        raise HeadroomExhausted(refusal)
+                    host.populate(chunk)
         except HostError as exc:
             if self.populate:
                 try:
@@ -87,6 +107,23 @@ class HostWork:
                     log.error("rolling back the preallocation failed too: %s", undo)
             return exc
         return None
+
+
+def chunks(pieces: list[Backing], size: int) -> list[list[Backing]]:
+    """The pieces cut into consecutive runs of at most ``size`` bytes."""
+    out: list[list[Backing]] = [[]]
+    room = size
+    for p in pieces:
+        done = 0
+        while done < p.length:
+            if room == 0:
+                out.append([])
+                room = size
+            n = min(room, p.length - done)
+            out[-1].append(Backing(p.fd, p.file_offset + done, n, p.address + done, p.gpa + done))
+            done += n
+            room -= n
+    return [c for c in out if c]
 
 
 class VirtioMem:
@@ -105,6 +142,7 @@ class VirtioMem:
         host: Host,
         limits: Limits | None = None,
         cgroup: CgroupProbe | None = None,
+        headroom: HeadroomRule | None = None,
         prealloc: bool = False,
         publish: Publish = _no_events,
     ):
@@ -112,6 +150,7 @@ class VirtioMem:
         self.host = host
         self.limits = limits or Limits()
         self.cgroup = cgroup
+        self.headroom = headroom or HeadroomRule()
         self.prealloc = prealloc
         self.publish = publish
         self.stats = Stats()
@@ -249,10 +288,24 @@ class VirtioMem:
     def limits_report(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.limits.to_json())
         if self.cgroup is not None:
-            reading = self.cgroup.read()
-            out["cgroup"] = {"path": self.cgroup.path, "version": self.cgroup.version,
-                             "limit": reading.limit, "usage": reading.usage}
+            out["cgroup"] = {"version": self.cgroup.version, **self.assess_cgroup(self.cgroup).to_json()}
         return out
+
+    def unallocated(self) -> int:
+        """Plugged bytes the host has not allocated yet: the guest may write them
+        at any moment, and they are charged then."""
+        g = self.geometry
+        pieces = self.device_backing(g.addr, g.region_size)
+        if pieces is None:
+            return self.model.plugged_size
+        return max(self.model.plugged_size - sum(self.host.allocated(p) for p in pieces), 0)
+
+    def assess_cgroup(self, cgroup: CgroupProbe, size: int = 0,
+                      unallocated: int | None = None) -> Assessment:
+        """Raises OSError if the cgroup or the region cannot be read."""
+        if unallocated is None:
+            unallocated = self.unallocated()
+        return self.headroom.assess(cgroup.path, cgroup.read(), unallocated, size)
 
     # --- backing -----------------------------------------------------------------------
 
@@ -306,6 +359,10 @@ class VirtioMem:
 
     def finish(self, work: HostWork, error: HostError | None) -> bytes:
         """The response once the host work ran: ACK and commit, or BUSY."""
+        if isinstance(error, HeadroomExhausted):
+            log.warning("preallocating %#x+%s stopped and rolled back, answering BUSY: %s",
+                        work.gpa, format_size(work.size), error)
+            return self._busy("cgroup", work.kind, work.gpa, work.size, work.started, str(error))
         if error is not None:
             what = "preallocating" if work.populate else "discarding"
             log.error("%s %#x+%s failed, answering BUSY: %s", what, work.gpa, format_size(work.size), error)
@@ -342,27 +399,39 @@ class VirtioMem:
             self.stats.nacks_by_reason[MEMORY_MAX] += 1
             self.publish("PLUG_NACKED", reason=MEMORY_MAX, detail=detail, addr=addr, size=size)
             return self._done(RequestType.PLUG, _NACK, started)
+        guard: Guard | None = None
         if self.cgroup is not None:
+            cgroup = self.cgroup
             try:
-                problem = self.cgroup.check_headroom(size)
+                assessment = self.assess_cgroup(cgroup, size)
             except OSError as exc:
-                log.error("cannot read cgroup %s, answering BUSY: %s", self.cgroup.path, exc)
+                log.error("cannot read cgroup %s, answering BUSY: %s", cgroup.path, exc)
                 return self._busy("cgroup-unreadable", "PLUG", addr, size, started, str(exc))
-            if problem:
+            if not assessment.fits:
                 # BUSY, not NACK: Linux takes a NACK as "config changed" and re-sends the
                 # PLUG at once, spinning while requested_size stays above plugged_size.
-                log.warning("PLUG %#x+%s refused (BUSY): %s", addr, format_size(size), problem)
-                return self._busy("cgroup", "PLUG", addr, size, started, problem)
+                reason = assessment.reason()
+                log.warning("PLUG %#x+%s refused (BUSY): %s", addr, format_size(size), reason)
+                return self._busy("cgroup", "PLUG", addr, size, started, reason)
+            unallocated = assessment.unallocated
+
+            def guard(chunk: int) -> str | None:
+                # Runs on the worker thread: the cgroup only, model figures as decided.
+                try:
+                    check = self.headroom.assess(cgroup.path, cgroup.read(), unallocated, chunk)
+                except OSError as exc:
+                    return f"cannot read cgroup {cgroup.path}: {exc}"
+                return None if check.fits else check.reason()
         if not self.prealloc:
             if self.device_backing(addr, size) is None:
                 return self._busy("region-not-shared", "PLUG", addr, size, started)
             return self._commit(decision, started)
-        return self._host_work(decision, True, addr, size, started)
+        return self._host_work(decision, True, addr, size, started, guard)
 
     def _host_work(self, decision: Plug | Unplug | UnplugAll, populate: bool, gpa: int, size: int,
-                   started: float) -> bytes | HostWork:
+                   started: float, guard: Guard | None = None) -> bytes | HostWork:
         pieces = self.device_backing(gpa, size)
-        work = HostWork(decision, populate, pieces or [], gpa, size, started)
+        work = HostWork(decision, populate, pieces or [], gpa, size, started, guard)
         if pieces is None:
             return self._busy("region-not-shared", work.kind, gpa, size, started)
         return work
