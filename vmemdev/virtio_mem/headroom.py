@@ -16,8 +16,8 @@ everything the device has promised, with a guard band to spare:
   tables of the mappings and the page cache's index nodes, charged to the
   same cgroup. Measured (`python -m bench.cgroup_band`, committed in
   bench/results/cgroup-band.txt): 1/512 to 1/431 of the size for a
-  fallocate, 1/256 to 1/205 for pages touched through a mapping.
-  ``OVERHEAD_DIVISOR`` reserves 1/128, twice the worst.
+  fallocate, 1/228 for pages touched through a mapping (page tables
+  included). ``OVERHEAD_DIVISOR`` reserves 1/128.
 - ``band`` absorbs what a plug cannot foresee: per-CPU charge batches and
   the growth of the processes in the cgroup (QEMU, the daemon when it runs
   there). Configurable (``serve --cgroup-band``).
