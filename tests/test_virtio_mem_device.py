@@ -12,7 +12,7 @@ from vmemdev.host.fake import FakeHost, FakeMemory
 from vmemdev.host.interface import Backing, CgroupReading
 from vmemdev.protocol.virtio_mem import BlockState, MemRequest, MemResponse, RequestType, ResponseType
 from vmemdev.virtio_mem.device import POPULATE_CHUNK, HostWork, VirtioMem, chunks
-from vmemdev.virtio_mem.headroom import HeadroomRule, cost
+from vmemdev.virtio_mem.headroom import HeadroomRule, Unallocated, cost
 from vmemdev.virtio_mem.limits import Limits
 from vmemdev.virtio_mem.model import Geometry
 
@@ -127,7 +127,7 @@ def test_cgroup_without_room_is_busy_not_nack():
     assert d.request(RequestType.PLUG, A + B, 1).type == ResponseType.BUSY
     assert d.dev.stats.busy_by_reason["cgroup"] == 1
     busy = dict(d.events)["BUSY"]
-    assert busy["reason"] == "cgroup" and "plugged but not yet allocated 2.0M" in busy["detail"]
+    assert busy["reason"] == "cgroup" and "guest RAM not yet allocated 2.0M" in busy["detail"]
 
 
 def test_plugged_but_unallocated_memory_counts_as_used():
@@ -142,11 +142,11 @@ def test_plugged_but_unallocated_memory_counts_as_used():
     assert cg.read().usage == 0
     assert d.request(RequestType.PLUG, A + 9 * B, 1).type == ResponseType.BUSY
     report = d.dev.limits_report()["cgroup"]
-    assert report["unallocated"] == 9 * B and report["committed"] == cost(9 * B)
+    assert report["unallocated_plugged"] == 9 * B and report["committed"] == cost(9 * B)
     assert report["room"] == 10 * B - cost(9 * B)
     # The guest writing what it has moves it from "committed" to "usage": no new room.
     d.host.touch(A, 9 * B)
-    assert d.dev.limits_report()["cgroup"]["unallocated"] == 0
+    assert d.dev.limits_report()["cgroup"]["unallocated_plugged"] == 0
     assert d.request(RequestType.PLUG, A + 9 * B, 1).type == ResponseType.BUSY
     # Unplugging gives room back.
     assert d.request(RequestType.UNPLUG, A, 2).type == ResponseType.ACK
@@ -156,13 +156,30 @@ def test_plugged_but_unallocated_memory_counts_as_used():
 def test_the_band_and_the_overhead_are_reserved():
     rule = HeadroomRule(band=8 * MiB)
     reading = CgroupReading(limit=100 * MiB, usage=40 * MiB, limited_by="/parent")
-    a = rule.assess("/vm", reading, unallocated=20 * MiB, size=30 * MiB)
+    a = rule.assess("/vm", reading, Unallocated(plugged=12 * MiB, other=8 * MiB), size=30 * MiB)
     assert a.committed == cost(20 * MiB) == 20 * MiB + 160 * 1024
     assert a.room == 100 * MiB - 40 * MiB - cost(20 * MiB) - 8 * MiB
     assert a.need == cost(30 * MiB) and a.fits
-    assert not rule.assess("/vm", reading, 20 * MiB, 32 * MiB).fits
+    assert not rule.assess("/vm", reading, Unallocated(20 * MiB, 0), 32 * MiB).fits
     assert "(limited by /parent)" in a.reason() and "band 8M" in a.reason()
-    assert rule.assess("/vm", CgroupReading(None, 1 << 40), 1 << 40, 1 << 40).fits
+    assert rule.assess("/vm", CgroupReading(None, 1 << 40), Unallocated(1 << 40, 0), 1 << 40).fits
+
+
+def test_untouched_boot_ram_counts_as_used():
+    """QEMU's boot RAM that the guest has not written yet is charged when it
+    does, like plugged memory: a plug may not take that room."""
+    d = Device()
+    d.dev.attach(FakeMemory([(0, 64 * MiB), (A, R)]))  # boot RAM at 0, the device region
+    cg = FakeCgroup(limit=72 * MiB, host=d.host)
+    d.dev.cgroup, d.dev.headroom = cg, HeadroomRule(band=0)
+    # 72M - cost(64M untouched) = 7.5M: one block fits, four (8M) would not.
+    assert d.request(RequestType.PLUG, A, 4).type == ResponseType.BUSY
+    assert d.request(RequestType.PLUG, A, 1).type == ResponseType.ACK
+    report = d.dev.limits_report()["cgroup"]
+    assert (report["unallocated_other"], report["unallocated_plugged"], report["usage"]) == (64 * MiB, B, 0)
+    d.host.touch(0, 64 * MiB)  # the guest wrote its boot RAM: charged now, no longer pending
+    report = d.dev.limits_report()["cgroup"]
+    assert (report["unallocated_other"], report["usage"]) == (0, 64 * MiB)
 
 
 def test_prealloc_stops_between_chunks_and_rolls_back():

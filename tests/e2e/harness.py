@@ -87,6 +87,18 @@ def record(scenario: str, metric: str, kind: str, value: float) -> None:
     TIMINGS.setdefault(scenario, {}).setdefault(metric, {})[kind] = round(value, 3)
 
 
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError):
+                    todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
+    return out
+
+
 def note(text: str) -> None:
     NOTES.append(text)
 
@@ -405,9 +417,12 @@ class Lab:
         ]
 
     def start(self, kind: str = "vmemdev", *, ram: str = "512M", requested: int = 0,
-              reboot: bool = False, daemon_args: tuple[str, ...] = (), scenario: str | None = None):
-        """Start the device and boot the guest; wait for the driver to probe."""
+              reboot: bool = False, daemon_args: tuple[str, ...] = (), scenario: str | None = None,
+              qemu_cgroup: str | None = None):
+        """Start the device and boot the guest; wait for the driver to probe.
+        With qemu_cgroup (a cgroup v1 directory) QEMU starts inside it."""
         self.kind = kind
+        self.qemu_cgroup = qemu_cgroup
         if kind == "vmemdev":
             self.device = VmemdevDevice(self, requested, daemon_args)
         elif kind == "qemu":
@@ -421,7 +436,7 @@ class Lab:
         self._ram, self._reboot = ram, reboot
         try:
             self.guest = smoke.boot(self.qemu_args(ram, reboot), workdir=self.workdir,
-                                    ready_timeout=READY_TIMEOUT)
+                                    ready_timeout=READY_TIMEOUT, qemu_cmd=self.qemu_cmd())
         except smoke.GuestError as exc:
             self.fail(f"the guest did not boot: {exc}")
         self.boots += 1
@@ -431,6 +446,32 @@ class Lab:
         if scenario:
             record(scenario, "boot: QEMU start -> agent ready", self.kind, ready)
         return self.guest
+
+    def qemu_cmd(self) -> list[str] | None:
+        """guestlab's QEMU, entering qemu_cgroup first (so QEMU and all it
+        allocates are charged there)."""
+        if not getattr(self, "qemu_cgroup", None):
+            return None
+        procs = os.path.join(self.qemu_cgroup, "cgroup.procs")
+        return ["sh", "-c", 'echo $$ > "$1" && shift && exec "$@"', "sh", procs,
+                str(smoke.GUESTLAB), "qemu", "--"]
+
+    def qemu_pid(self) -> int:
+        """QEMU's own pid (guestlab runs it under a wrapper)."""
+        for pid in _descendants(self.guest.proc.pid):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().startswith("qemu-system"):
+                    return pid
+        self.fail("no qemu-system process under the QEMU command")
+
+    def boot_ram_allocated(self) -> int:
+        """Host bytes behind the guest's boot RAM (QEMU's memory-backend-memfd)."""
+        pid = self.qemu_pid()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:memory-backend-memfd"):
+                    return os.stat(f"/proc/{pid}/fd/{fd}").st_blocks * 512
+        self.fail("QEMU holds no memory-backend-memfd")
 
     def wait_probe(self, scenario: str | None = None, since_line: int = 0) -> str:
         """Wait until the driver printed its probe lines; set base_kb."""

@@ -12,6 +12,7 @@ failure never leaks into the next test. Scenarios (issue 3):
   f  guest poweroff: QEMU exits, the daemon stays healthy and serves the next VM
   g  `vmemdev ctl resize --wait`; memory.max caps, shrinks, NACKs are harmless
   g' --cgroup headroom: a plug that does not fit the VM's cgroup is refused
+  g'' QEMU in the VM's cgroup, the guest writes all it was given: no OOM kill
   h  every test: no virtio_mem error / "marking device broken" in the guest
 
 Results that must match between vmemdev and QEMU's device (MemTotal steps,
@@ -569,21 +570,37 @@ def memory_cgroup():
 REFUSALS_ALLOWED_IN_3S = 10
 
 
+def v1_read(cgroup: str, name: str) -> str:
+    with open(os.path.join(cgroup, name)) as f:
+        return f.read()
+
+
+def vm_cgroup_with_room(lab, cgroup: str, room: int) -> int:
+    """Limit the VM's cgroup (QEMU and the daemon in it) to what the booted VM
+    holds, plus its boot RAM not yet written, plus ``room`` for the device."""
+    daemon = lab.device.daemon
+    with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+        f.write(str(daemon.proc.pid))
+    usage = int(v1_read(cgroup, "memory.usage_in_bytes"))
+    limit = usage + (512 * MiB - lab.boot_ram_allocated()) + room
+    with open(os.path.join(cgroup, "memory.limit_in_bytes"), "w") as f:
+        f.write(str(limit))
+    return limit
+
+
 def test_g_cgroup_refusal(memory_cgroup, lab):
-    """`serve --cgroup CG --prealloc` with the daemon in a 384 MiB cgroup:
-    plugs charge the cgroup, so of a 1G request two 128 MiB blocks fit and the
+    """`serve --cgroup CG --prealloc` with QEMU and the daemon in the VM's
+    cgroup, which has 384M of room for the device: plugs charge the cgroup,
+    so of a 1G request two 128 MiB blocks fit (with the 32M band) and the
     third does not. The refusal must not break the driver (no "marking
     device broken") and must not make it spin: the guest stays at 256M and
     sends at most a few refused PLUGs in 3 s. When the cgroup has room again,
     a resize lets the guest plug on."""
     sc = "g': cgroup headroom refusal"
-    with open(os.path.join(memory_cgroup, "memory.limit_in_bytes"), "w") as f:
-        f.write(str(384 * MiB))
-    lab.start("vmemdev", requested=0, scenario=sc,
+    lab.start("vmemdev", requested=0, scenario=sc, qemu_cgroup=memory_cgroup,
               daemon_args=("--cgroup", memory_cgroup, "--prealloc"))
     daemon = lab.device.daemon
-    with open(os.path.join(memory_cgroup, "cgroup.procs"), "w") as f:
-        f.write(str(daemon.proc.pid))
+    limit = vm_cgroup_with_room(lab, memory_cgroup, 384 * MiB)
     daemon.execute("resize", size=GiB)
     deadline = time.monotonic() + STEP_TIMEOUT
     while True:
@@ -599,7 +616,7 @@ def test_g_cgroup_refusal(memory_cgroup, lab):
     time.sleep(3)
     stats = daemon.execute("query-stats")
     n1 = sum(v for k, v in stats["requests"]["PLUG"].items() if k != "ACK")
-    note(f"g': cgroup 384M: plugged {mib(daemon.status()['plugged_size'])} of 1G; refused PLUGs in "
+    note(f"g': cgroup with 384M of room: plugged {mib(daemon.status()['plugged_size'])} of 1G; refused PLUGs in "
          f"3 s: {n1 - n0} ({stats['requests']['PLUG']}, reasons {stats['busy_by_reason']})")
     lab.check_guest_clean("g': after the refusals")
     assert n1 - n0 <= REFUSALS_ALLOWED_IN_3S, (
@@ -607,8 +624,56 @@ def test_g_cgroup_refusal(memory_cgroup, lab):
         f"({stats['requests']['PLUG']}, reasons {stats['busy_by_reason']})")
     # room again: the operator's next resize lets the guest continue
     with open(os.path.join(memory_cgroup, "memory.limit_in_bytes"), "w") as f:
-        f.write(str(2 * GiB))
+        f.write(str(limit + GiB))
     t0 = time.monotonic()
     r = daemon.ctl("resize", "768M", "--wait", "--timeout", "120")
     assert r.returncode == 0, r
     lab.wait_target(768 * MiB, t0=t0, where="768M after the cgroup got room")
+
+
+def test_g_qemu_in_the_vm_cgroup(memory_cgroup, lab):
+    """g'': QEMU and vmemdev in the VM's cgroup, no --prealloc: a plug costs
+    nothing until the guest writes it, and then QEMU's page faults are charged.
+    The limit leaves 384M for the device region beyond what the booted VM
+    holds and its untouched boot RAM. Asked for 1G, the guest gets what fits
+    with the band and the overhead (256M); then it fills all it has with a
+    tmpfs file (all its memory but 64 MiB). The VM survives: no OOM kill, the limit never hit
+    (memory.failcnt 0), QEMU alive, the guest clean. QEMU's own growth over
+    the run is recorded (it is what the band is for)."""
+    sc = "g'': QEMU in the VM's cgroup"
+    lab.start("vmemdev", requested=0, scenario=sc, daemon_args=("--cgroup", memory_cgroup),
+              qemu_cgroup=memory_cgroup)
+    daemon = lab.device.daemon
+    boot0 = lab.boot_ram_allocated()
+    limit = vm_cgroup_with_room(lab, memory_cgroup, 384 * MiB)
+    usage0 = int(v1_read(memory_cgroup, "memory.usage_in_bytes"))
+    daemon.execute("resize", size=GiB)
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while not daemon.execute("query-stats")["busy_by_reason"].get("cgroup"):
+        assert time.monotonic() < deadline, f"no refused plug\n{lab.context()}"
+        time.sleep(0.1)
+    plugged = daemon.status()["plugged_size"]
+    assert 0 < plugged < GiB, plugged
+    lab.wait_target(plugged, t0=time.monotonic(), where="cgroup full", requested=GiB)
+    # The guest writes all it was given, boot RAM and plugged memory, but the
+    # 64 MiB it needs to live: one tmpfs file.
+    fill = lab.meminfo()["MemAvailable"] * KiB - 64 * MiB
+    assert fill > plugged, (fill, plugged)
+    lab.check(f"mkdir -p /fill && mount -t tmpfs -o size={(fill + 64 * MiB) // MiB}M tmpfs /fill && "
+              f"dd if=/dev/zero of=/fill/all bs=1M count={fill // MiB} 2>&1 | tail -1", timeout=600)
+    usage1 = int(v1_read(memory_cgroup, "memory.usage_in_bytes"))
+    region = allocated(lab.device.mem_path)
+    boot1 = lab.boot_ram_allocated()
+    qemu_growth = usage1 - usage0 - (boot1 - boot0) - region
+    oom = dict(line.split() for line in v1_read(memory_cgroup, "memory.oom_control").splitlines())
+    failcnt = int(v1_read(memory_cgroup, "memory.failcnt"))
+    note(f"g'': limit {mib(limit)} (the booted VM + its untouched boot RAM {mib(512 * MiB - boot0)} "
+         f"+ 384M); plugged {mib(plugged)} of 1G, then the guest wrote {mib(fill - fill % MiB)} of tmpfs: "
+         f"region allocated {mib(region)}, boot RAM +{mib(boot1 - boot0)}, usage {mib(usage1)} "
+         f"(max {mib(int(v1_read(memory_cgroup, 'memory.max_usage_in_bytes')))}); QEMU and vmemdev "
+         f"grew by {qemu_growth / MiB:.1f} MiB beyond guest memory; oom_kill {oom['oom_kill']}, "
+         f"failcnt {failcnt}")
+    assert int(oom["oom_kill"]) == 0 and failcnt == 0, f"the VM's cgroup hit its limit\n{lab.context()}"
+    assert lab.guest.alive() and daemon.alive()
+    assert region > plugged // 2, f"the tmpfs file did not land in plugged memory: {mib(region)}"
+    lab.check_guest_clean("g'': after filling all plugged memory")

@@ -109,7 +109,8 @@ def human_limits(lim: dict) -> str:
         out += [f"cgroup       {c['path']} (v{c['version']}{binding})",
                 f"  limit                          {_mib(c['limit'])}",
                 f"  usage (what the kernel checks) {_mib(c['usage'])}",
-                f"  plugged, not yet allocated     {_mib(c['committed'])} ({_mib(c['unallocated'])} + kernel overhead)",
+                f"  guest RAM not yet allocated    {_mib(c['committed'])} (plugged {_mib(c['unallocated_plugged'])}, "
+                f"other {_mib(c['unallocated_other'])}, + kernel overhead)",
                 f"  band                           {_mib(c['band'])}",
                 f"  room for the next plug         {_mib(c['room'])}"]
     return "\n".join(out)

@@ -19,6 +19,9 @@ class FakeMemory:
         self.regions = list(regions)  # (gpa, size); fd = index
         self.generation = 0
 
+    def all_backing(self) -> list[Backing]:
+        return [Backing(fd, 0, size, start, start) for fd, (start, size) in enumerate(self.regions)]
+
     def backing(self, gpa: int, length: int) -> list[Backing]:
         pieces = []
         pos, end = gpa, gpa + length

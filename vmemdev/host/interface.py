@@ -32,6 +32,10 @@ class Memory(Protocol):
         """The fd pieces behind [gpa, gpa + length); raises GuestMemoryError if unshared."""
         ...
 
+    def all_backing(self) -> list[Backing]:
+        """Every shared region's fd piece: all the guest RAM the front-end shared."""
+        ...
+
 
 class Host(Protocol):
     def discard(self, pieces: Sequence[Backing]) -> None:

@@ -221,6 +221,10 @@ class GuestMemory(GpaAccess):
             f"front-end address range {uaddr:#x}+{length:#x} is not inside one shared region"
         )
 
+    def all_backing(self) -> list[Backing]:
+        """Every region's fd piece: all the guest RAM the front-end shared."""
+        return [Backing(r.fd, r.desc.mmap_offset, r.size, r.address, r.gpa) for r in self.regions]
+
     def backing(self, gpa: int, length: int) -> list[Backing]:
         """The fd pieces behind [gpa, gpa + length); raises if any part is unshared."""
         pieces = []

@@ -28,7 +28,7 @@ from ..protocol import virtio_mem as vm
 from ..protocol.virtio_mem import MemRequest, RequestType, ResponseType
 from ..sizes import format_size
 from .accounting import Footprint, footprint, memmap_estimate
-from .headroom import Assessment, HeadroomRule
+from .headroom import Assessment, HeadroomRule, Unallocated
 from .limits import MEMORY_HIGH, MEMORY_MAX, Limits
 from .model import BUSY, NACK, Answer, Geometry, Plug, Unplug, UnplugAll, VirtioMemModel
 from .stats import Stats
@@ -291,17 +291,21 @@ class VirtioMem:
             out["cgroup"] = {"version": self.cgroup.version, **self.assess_cgroup(self.cgroup).to_json()}
         return out
 
-    def unallocated(self) -> int:
-        """Plugged bytes the host has not allocated yet: the guest may write them
-        at any moment, and they are charged then."""
+    def unallocated(self) -> Unallocated:
+        """Guest RAM the host has not allocated yet: the guest may write it at
+        any moment, and it is charged then. Raises OSError."""
         g = self.geometry
+        memory = self.memory
         pieces = self.device_backing(g.addr, g.region_size)
-        if pieces is None:
-            return self.model.plugged_size
-        return max(self.model.plugged_size - sum(self.host.allocated(p) for p in pieces), 0)
+        if memory is None or pieces is None:
+            return Unallocated(self.model.plugged_size, 0)
+        plugged = self.model.plugged_size - sum(self.host.allocated(p) for p in pieces)
+        other = sum(p.length - self.host.allocated(p) for p in memory.all_backing()
+                    if p.gpa + p.length <= g.addr or p.gpa >= g.addr + g.region_size)
+        return Unallocated(max(plugged, 0), max(other, 0))
 
     def assess_cgroup(self, cgroup: CgroupProbe, size: int = 0,
-                      unallocated: int | None = None) -> Assessment:
+                      unallocated: Unallocated | None = None) -> Assessment:
         """Raises OSError if the cgroup or the region cannot be read."""
         if unallocated is None:
             unallocated = self.unallocated()

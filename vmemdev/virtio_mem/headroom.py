@@ -4,14 +4,15 @@ A plug is acknowledged only if, after it, the cgroup can still absorb
 everything the device has promised, with a guard band to spare:
 
     need  = cost(plug)
-    room  = limit - usage - cost(plugged but not yet allocated) - band
+    room  = limit - usage - cost(guest RAM not yet allocated) - band
     ACK only if need <= room
 
 - ``usage`` is the counter the kernel enforces the limit on, at the level
   whose limit binds first (``vmemdev.host.cgroup``).
-- Plugged memory the host has not allocated yet costs nothing now, but the
-  guest may write it at any moment and the page faults are charged then:
-  it counts as already used.
+- Guest RAM the host has not allocated yet (plugged blocks of the device,
+  and the rest of the memory table: boot RAM, other DIMMs) costs nothing
+  now, but the guest may write it at any moment and the page faults are
+  charged then: it counts as already used.
 - ``cost`` adds the kernel's own memory per byte of guest memory: page
   tables of the mappings and the page cache's index nodes, charged to the
   same cgroup. Measured (`python -m bench.cgroup_band`, committed in
@@ -40,6 +41,18 @@ def cost(size: int) -> int:
 
 
 @dataclass(frozen=True)
+class Unallocated:
+    """Guest RAM bytes the host has not allocated yet."""
+
+    plugged: int  # in plugged blocks of the device region
+    other: int  # in the rest of the memory table (boot RAM, other DIMMs)
+
+    @property
+    def total(self) -> int:
+        return self.plugged + self.other
+
+
+@dataclass(frozen=True)
 class Assessment:
     """The figures a headroom decision used, for the BUSY reason and `ctl limits`."""
 
@@ -47,13 +60,13 @@ class Assessment:
     limit: int | None
     usage: int
     limited_by: str | None
-    unallocated: int  # plugged bytes the host has not allocated yet
+    unallocated: Unallocated
     band: int
     need: int  # cost of what is being asked for (0: just looking)
 
     @property
     def committed(self) -> int:
-        return cost(self.unallocated)
+        return cost(self.unallocated.total)
 
     @property
     def room(self) -> int | None:
@@ -71,14 +84,14 @@ class Assessment:
         where = "" if self.limited_by in (None, self.path) else f" (limited by {self.limited_by})"
         return (
             f"cgroup {self.path}{where}: limit {_size(self.limit)}, usage {_size(self.usage)}, "
-            f"plugged but not yet allocated {_size(self.committed)}, band {_size(self.band)}: "
+            f"guest RAM not yet allocated {_size(self.committed)}, band {_size(self.band)}: "
             f"room {_size(max(self.room or 0, 0))}, {_size(self.need)} needed"
         )
 
     def to_json(self) -> dict[str, object]:
         return {"path": self.path, "limit": self.limit, "usage": self.usage,
-                "limited_by": self.limited_by, "unallocated": self.unallocated,
-                "committed": self.committed, "band": self.band, "room": self.room}
+                "limited_by": self.limited_by, "unallocated_plugged": self.unallocated.plugged,
+                "unallocated_other": self.unallocated.other, "committed": self.committed, "band": self.band, "room": self.room}
 
 
 def _size(value: int | None) -> str:
@@ -91,6 +104,7 @@ def _size(value: int | None) -> str:
 class HeadroomRule:
     band: int = DEFAULT_BAND
 
-    def assess(self, path: str, reading: CgroupReading, unallocated: int, size: int = 0) -> Assessment:
+    def assess(self, path: str, reading: CgroupReading, unallocated: Unallocated,
+               size: int = 0) -> Assessment:
         return Assessment(path, reading.limit, reading.usage, reading.limited_by,
-                          max(unallocated, 0), self.band, cost(size) if size else 0)
+                          unallocated, self.band, cost(size) if size else 0)
