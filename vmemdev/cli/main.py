@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ask the guest to shrink when the host footprint exceeds this")
     serve.add_argument("--cgroup", metavar="PATH",
                        help="the VM's memory cgroup (v1 or v2): plugs need headroom in it")
+    serve.add_argument("--memmap-reserve", type=_size_arg("memmap reserve"), default=None, metavar="SIZE",
+                       help="boot memory a guest that onlines movable keeps for itself; its memmap "
+                            "ceiling is 64 x (boot memory - SIZE) (default: half the boot memory, "
+                            "at least 192M)")
     serve.add_argument("--prealloc", action="store_true",
                        help="allocate plugged blocks on the host before acknowledging a plug")
     _device_options(serve)
@@ -161,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     resize = cmds.add_parser("resize", help="set the requested size")
     resize.add_argument("size", help="e.g. 512M, 4G")
     resize.add_argument("--wait", action="store_true", help="follow the guest until it gets there")
+    resize.add_argument("--force", action="store_true",
+                        help="ask for it even above the guest's memmap ceiling")
     resize.add_argument("--timeout", type=float, default=300.0, help="give up after S seconds (300)")
     resize.add_argument("--stall", type=float, default=60.0,
                         help="fail when plugged has not moved for S seconds (60)")
@@ -170,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     get = cmds.add_parser("get", help="show one limit (or all)")
     get.add_argument("name", nargs="?", choices=LIMIT_NAMES)
     cmds.add_parser("limits", help="limits and the cgroup's usage")
+    reserve = cmds.add_parser("reserve", help="set the memmap reserve: SIZE or 'auto' (the default)")
+    reserve.add_argument("value")
     cmds.add_parser("stats", help="request counters, latency, bytes discarded/preallocated")
     cmds.add_parser("accounting", help="plugged vs host-allocated, memmap estimate")
     events = cmds.add_parser("events", help="recent events; --follow for new ones")
@@ -232,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                     check_block_multiple("--" + name.replace(".", "-"), value, geometry.block_size)
             cgroup = Cgroup(args.cgroup) if args.cgroup else None
         runtime = DeviceRuntime(geometry, args.requested_size, limits=limits, cgroup=cgroup,
-                                prealloc=getattr(args, "prealloc", False))
+                                prealloc=getattr(args, "prealloc", False),
+                                memmap_reserve=getattr(args, "memmap_reserve", None))
     except ConfigError as exc:
         parser.error(str(exc))
     if args.command == "serve":

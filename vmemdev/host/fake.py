@@ -19,6 +19,9 @@ class FakeMemory:
         self.regions = list(regions)  # (gpa, size); fd = index
         self.generation = 0
 
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(self.regions)
+
     def backing(self, gpa: int, length: int) -> list[Backing]:
         pieces = []
         pos, end = gpa, gpa + length

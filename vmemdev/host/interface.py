@@ -32,6 +32,10 @@ class Memory(Protocol):
         """The fd pieces behind [gpa, gpa + length); raises GuestMemoryError if unshared."""
         ...
 
+    def ranges(self) -> list[tuple[int, int]]:
+        """(gpa, size) of every region the front-end shared."""
+        ...
+
 
 class Host(Protocol):
     def discard(self, pieces: Sequence[Backing]) -> None:

@@ -182,6 +182,9 @@ class GuestMemory(GpaAccess):
         self._reindex()
         return {region.fd for region in self._regions}
 
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(r.gpa, r.size) for r in self._regions]
+
     def describe(self) -> str:
         return ", ".join(repr(r) for r in self._regions)
 
