@@ -231,3 +231,46 @@ async def test_prealloc_charges_a_real_cgroup_and_headroom_stops_plugs(nursery, 
         fe.release()
     finally:
         assert daemon.stop() == 0
+
+
+async def test_ctl_names_a_failed_hot_add_and_guards_the_memmap_ceiling(nursery, tmp_path):
+    """A guest onlining movable with 8 MiB of kernel memory left adds four memory
+    blocks, then rolls the fifth back on every try, as Linux 7.2 does."""
+    daemon = Daemon(tmp_path)
+    try:
+        fe, _ = await attach_guest(nursery, daemon, run_guest=False)
+        guest = SimulatedLinuxGuest(fe, touch=False, kernel_memory=8 * MiB)
+        await nursery.start(guest.run)
+        started = time.monotonic()
+        rc, out, err = await ctl(daemon, "resize", "1G", "--wait", "--stall", "60", "--timeout", "60")
+        assert rc == 1 and time.monotonic() - started < 15, out + err
+        assert "stopped at plugged 512M of requested 1G" in out and "rolled it back" in out, out
+        assert "0x120000000+128M" in out and "kernel memory" in out
+        rc, out, _ = await ctl(daemon, "stats")
+        assert rc == 0 and int(out.split("hot-add")[1].split()[0]) >= 1, out
+        rc, out, _ = await ctl(daemon, "status")
+        assert "onlining    movable" in out and "enforced: the guest onlines movable" in out, out
+        assert "hot-add     " in out and "the guest could not add it" in out
+        rc, out, _ = await ctl(daemon, "accounting")
+        assert "held in the region  0 (measured)" in out and "charged to boot     8M (estimated)" in out, out
+        rc, out, _ = await ctl(daemon, "events")
+        assert "HOT_ADD_FAILED" in out
+        # 64 MiB of boot RAM: the default reserve (192M) leaves no room to add
+        rc, out, _ = await ctl(daemon, "resize", "256M")
+        assert rc == 0, out  # lowering is never refused
+        rc, out, err = await ctl(daemon, "resize", "768M")
+        assert rc == 1 and "above the memmap ceiling 0" in err and "resize 768M --force" in err, err
+        rc, out, err = await ctl(daemon, "reserve", "32M")
+        assert rc == 0 and "ceiling     2040M = 64 x (boot 65408K - reserve 32M)" in out, out + err
+        rc, out, err = await ctl(daemon, "reserve", "lots")
+        assert rc == 1 and "value" in err, err
+        rc, out, _ = await ctl(daemon, "resize", "768M", "--json")
+        assert rc == 0 and json.loads(out)["requested_size"] == 768 * MiB
+        rc, out, _ = await ctl(daemon, "reserve", "auto", "--json")
+        assert rc == 0 and json.loads(out)["reserve_default"] is True
+        rc, out, _ = await ctl(daemon, "resize", "1G", "--force")
+        assert rc == 0 and "requested 1G" in out
+        await fe.close()
+        fe.release()
+    finally:
+        assert daemon.stop() == 0

@@ -55,11 +55,42 @@ def human_status(s: dict) -> str:
         f"host alloc  {size_or_dash(s['host_allocated'])}",
         "limits      " + ", ".join(f"{name} {limit_value(lim[name])}" for name in LIMIT_NAMES),
     ]
+    lines += human_memmap(s["memmap"], s["hot_add_failures"])
     if s.get("cgroup"):
         lines.append(f"cgroup      {s['cgroup']}")
     if s.get("prealloc"):
         lines.append("prealloc    on")
     return "\n".join(lines)
+
+
+ONLINING = {
+    "movable": "movable (no memmap appeared in the region as blocks were added)",
+    "kernel": "kernel zone (2M of memmap appeared in the region per block added)",
+    "mixed": "mixed, as auto-movable does (memmap in the region for some blocks)",
+    "unknown": "unknown (too few memory blocks added since the guest's driver probed)",
+}
+
+
+def human_memmap(m: dict, failures: dict) -> list[str]:
+    lines = [
+        f"onlining    {ONLINING.get(m['onlining'], m['onlining'])}, inferred",
+        f"memmap      {format_size(m['memmap_bytes'])} for {m['linux_memory_blocks_used']} memory blocks: "
+        f"{format_size(m['held_in_region'])} held in the region (measured), "
+        f"{format_size(m['charged_to_boot_memory'])} charged to boot memory (estimated)",
+    ]
+    if m["ceiling"] is None:
+        lines.append("ceiling     - (no front-end: boot memory unknown)")
+    else:
+        reserve = f"{format_size(m['reserve'])}{' (default)' if m['reserve_default'] else ''}"
+        lines.append(f"ceiling     {format_size(m['ceiling'])} = 64 x (boot {format_size(m['boot_memory'])} "
+                     f"- reserve {reserve}), "
+                     + ("enforced: the guest onlines movable" if m["applies"]
+                        else "not enforced: only for a guest seen onlining movable"))
+    last = failures["last"]
+    if last:
+        lines.append(f"hot-add     {failures['total']} failed ({failures['count']} since the last resize), "
+                     f"last {last['addr']:#x}+{format_size(last['size'])}: the guest could not add it")
+    return lines
 
 
 def human_stats(s: dict) -> str:
@@ -77,6 +108,8 @@ def human_stats(s: dict) -> str:
     lines.append("NACKs       " + (", ".join(f"{k} {v}" for k, v in nacks.items()) or "none"))
     busy = s.get("busy_by_reason", {})
     lines.append("BUSY        " + (", ".join(f"{k} {v}" for k, v in busy.items()) or "none"))
+    lines.append(f"hot-add     {s['hot_add_failures']} failed (memory blocks the guest plugged, "
+                 "could not add, and rolled back)")
     return "\n".join(lines)
 
 
@@ -87,10 +120,11 @@ def human_accounting(a: dict) -> str:
         f"host allocated        {size_or_dash(a['host_allocated'])}",
         f"allocated extents     {len(a['allocated_extents']) if a['allocated_extents'] is not None else '-'}",
         f"outside plugged       {size_or_dash(a['allocated_outside_plugged'])} (must be 0)",
-        f"guest memmap          {format_size(m['memmap_bytes'])} for {m['linux_memory_blocks_used']} Linux memory blocks",
-        f"  without memmap_on_memory: guest gains {format_size(m['without_memmap_on_memory']['guest_gain'])}, "
-        f"boot memory pays {format_size(m['without_memmap_on_memory']['boot_memory_cost'])}",
-        f"  with memmap_on_memory:    guest gains {format_size(m['with_memmap_on_memory']['guest_gain'])}",
+        f"guest memmap          {format_size(m['memmap_bytes'])} for {m['linux_memory_blocks_used']} Linux memory blocks "
+        f"(the guest gains all {format_size(m['guest_gain'])} it plugged)",
+        f"  onlining            {m['onlining']} (inferred from the region's allocation as blocks were added)",
+        f"  held in the region  {format_size(m['held_in_region'])} (measured)",
+        f"  charged to boot     {format_size(m['charged_to_boot_memory'])} (estimated)",
     ]
     return "\n".join(lines)
 
@@ -130,8 +164,9 @@ def progress_bar(plugged: int, requested: int, start: int, width: int = 30) -> s
     return f"[{'#' * filled}{'.' * (width - filled)}] {format_size(plugged)} -> {format_size(requested)}"
 
 
-def wait_for_requested(client: Client, timeout: float, stall: float, out) -> int:
-    """Follow plugged toward requested; 0 when reached, 1 with the reason otherwise."""
+def wait_for_requested(client: Client, timeout: float, stall: float, out, failures_before: int = 0) -> int:
+    """Follow plugged toward requested; 0 when reached, 1 with the reason otherwise
+    (at once when the guest fails to add memory after ``failures_before``)."""
     deadline = time.monotonic() + timeout
     status = client.execute("query-status")
     start = status["plugged_size"]
@@ -151,7 +186,12 @@ def wait_for_requested(client: Client, timeout: float, stall: float, out) -> int
         if plugged != last_plugged:
             last_plugged, last_change = plugged, now
         reason = None
-        if status["frontend"] != "attached":
+        failures = status["hot_add_failures"]
+        if failures["total"] > failures_before and failures["last"]:
+            last = failures["last"]
+            reason = (f"the guest plugged {last['addr']:#x}+{format_size(last['size'])} and rolled it back "
+                      f"after {last['seconds'] * 1000:.0f} ms ({failures['count']} time(s)): {last['cause']}")
+        elif status["frontend"] != "attached":
             reason = "no front-end is attached"
         elif now - last_change > stall:
             stats = client.execute("query-stats")
@@ -217,12 +257,16 @@ def _run(client: Client, args) -> int:
     if cmd == "set":
         value = client.execute("set-limit", name=args.name, value=args.value)
         return _emit(args, value, human_limits)
+    if cmd == "reserve":
+        value = client.execute("set-memmap-reserve", value=args.value)
+        return _emit(args, value, lambda m: "\n".join(human_memmap(m, {"last": None})))
     if cmd == "resize":
-        result = client.execute("resize", size=args.size)
+        extra = {"force": True} if args.force else {}
+        result = client.execute("resize", size=args.size, **extra)
         if not args.wait:
             return _emit(args, result, lambda r: f"requested {format_size(r['requested_size'])}"
                          + ("" if r["changed"] else " (unchanged)"))
-        return wait_for_requested(client, args.timeout, args.stall, sys.stdout)
+        return wait_for_requested(client, args.timeout, args.stall, sys.stdout, result["hot_add_failures"])
     if cmd == "events":
         for event in client.execute("query-events"):
             print(json.dumps(event) if args.json else human_event(event), flush=True)

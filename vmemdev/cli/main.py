@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cgroup-band", type=_size_arg("cgroup band"), default=DEFAULT_BAND, metavar="SIZE",
                        help="with --cgroup, room a plug must leave free for charge batches and the "
                             f"growth of the cgroup's processes (default {format_size(DEFAULT_BAND)})")
+    serve.add_argument("--memmap-reserve", type=_size_arg("memmap reserve"), default=None, metavar="SIZE",
+                       help="boot memory a guest that onlines movable keeps for itself; its memmap "
+                            "ceiling is 64 x (boot memory - SIZE) (default: half the boot memory, "
+                            "at least 192M)")
     serve.add_argument("--prealloc", action="store_true",
                        help="allocate plugged blocks on the host before acknowledging a plug")
     _device_options(serve)
@@ -165,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     resize = cmds.add_parser("resize", help="set the requested size")
     resize.add_argument("size", help="e.g. 512M, 4G")
     resize.add_argument("--wait", action="store_true", help="follow the guest until it gets there")
+    resize.add_argument("--force", action="store_true",
+                        help="ask for it even above the guest's memmap ceiling")
     resize.add_argument("--timeout", type=float, default=300.0, help="give up after S seconds (300)")
     resize.add_argument("--stall", type=float, default=60.0,
                         help="fail when plugged has not moved for S seconds (60)")
@@ -174,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     get = cmds.add_parser("get", help="show one limit (or all)")
     get.add_argument("name", nargs="?", choices=LIMIT_NAMES)
     cmds.add_parser("limits", help="limits and the cgroup's usage")
+    reserve = cmds.add_parser("reserve", help="set the memmap reserve: SIZE or 'auto' (the default)")
+    reserve.add_argument("value")
     cmds.add_parser("stats", help="request counters, latency, bytes discarded/preallocated")
     cmds.add_parser("accounting", help="plugged vs host-allocated, memmap estimate")
     events = cmds.add_parser("events", help="recent events; --follow for new ones")
@@ -237,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             cgroup = Cgroup(args.cgroup) if args.cgroup else None
         runtime = DeviceRuntime(geometry, args.requested_size, limits=limits, cgroup=cgroup,
                                 headroom=HeadroomRule(getattr(args, "cgroup_band", DEFAULT_BAND)),
-                                prealloc=getattr(args, "prealloc", False))
+                                prealloc=getattr(args, "prealloc", False),
+                                memmap_reserve=getattr(args, "memmap_reserve", None))
     except ConfigError as exc:
         parser.error(str(exc))
     if args.command == "serve":

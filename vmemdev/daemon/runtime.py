@@ -35,12 +35,13 @@ log = logging.getLogger(__name__)
 class DeviceRuntime:
     def __init__(self, geometry: Geometry, requested_size: int = 0, *, limits: Limits | None = None,
                  cgroup: CgroupProbe | None = None, headroom: HeadroomRule | None = None,
-                 prealloc: bool = False):
+                 prealloc: bool = False, memmap_reserve: int | None = None):
         self.events = EventBus()
         self.lock = threading.Lock()
         self.host = SystemHost()
         self.device = VirtioMem(geometry, requested_size, host=self.host, limits=limits, cgroup=cgroup,
-                                headroom=headroom, prealloc=prealloc, publish=self.events.publish)
+                                headroom=headroom, prealloc=prealloc, publish=self.events.publish,
+                                memmap_reserve=memmap_reserve)
         self.frontend: FrontendConnection | None = None
         self.sessions_ended = 0  # front-end connections served to the end
 
@@ -84,10 +85,10 @@ class DeviceRuntime:
 
     # --- operator API (control socket) ----------------------------------------------
 
-    def resize(self, requested_size: int, *, reason: str = "operator") -> bool:
+    def resize(self, requested_size: int, *, reason: str = "operator", force: bool = False) -> bool:
         """Raises ConfigError with the reason; notifies the driver once if config changed."""
         with self.lock:
-            changed = self.device.resize(requested_size, reason=reason)
+            changed = self.device.resize(requested_size, reason=reason, force=force)
         if changed:
             self.notify_config_change()
         return changed

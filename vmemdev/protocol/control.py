@@ -32,7 +32,8 @@ from ..sizes import parse_size
 PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024  # a request line longer than this closes the connection
 
-# command -> {argument: (kind, required)}; kinds: "size", "size-or-max", "str", "bool"
+# command -> {argument: (kind, required)}; kinds: "size", "size-or-max", "size-or-auto",
+# "limit-name", "bool"
 COMMANDS: dict[str, dict[str, tuple[str, bool]]] = {
     "query-version": {},
     "query-commands": {},
@@ -41,7 +42,8 @@ COMMANDS: dict[str, dict[str, tuple[str, bool]]] = {
     "query-stats": {},
     "query-accounting": {},
     "query-events": {},
-    "resize": {"size": ("size", True)},
+    "resize": {"size": ("size", True), "force": ("bool", False)},
+    "set-memmap-reserve": {"value": ("size-or-auto", True)},
     "set-limit": {"name": ("limit-name", True), "value": ("size-or-max", True)},
 }
 LIMIT_NAMES = ("memory.max", "memory.high")
@@ -78,6 +80,14 @@ def _convert(name: str, kind: str, value: Any) -> Any:
             if value in (None, "max"):
                 return None
             return _convert(name, "size", value)
+        if kind == "size-or-auto":
+            if value in (None, "auto"):
+                return None
+            return _convert(name, "size", value)
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise ConfigError(f"'{name}' must be true or false")
+            return value
         if kind == "limit-name":
             if value not in LIMIT_NAMES:
                 raise ConfigError(f"'{name}' must be one of {', '.join(LIMIT_NAMES)}")

@@ -7,6 +7,13 @@ lowest addresses first, unplugs from the top when requested falls, retries
 NACK by re-reading config, backs off on BUSY, and stops for good on ERROR
 ("device marked broken"). Plugged memory is written like RAM a guest uses,
 so the host footprint is real.
+
+``onlining`` says where each added memory block's memmap (2 MiB per 128 MiB)
+goes, as Linux 7.2 measured: "kernel" writes it into memory plugged before
+(the host sees it at once), "movable" takes it from boot memory. With
+``kernel_memory`` (bytes of free boot memory), a block whose memmap does not
+fit is rolled back like Linux does ("adding memory failed: -12": the plug is
+undone by an UNPLUG of the same range) and tried again later.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import trio
 from ..errors import PeerError
 from ..protocol import virtio_mem as vm
 from ..protocol.virtio_mem import ResponseType
-from ..virtio_mem.accounting import LINUX_MEMORY_BLOCK
+from ..virtio_mem.memmap import LINUX_MEMORY_BLOCK, MEMMAP_PER_MEMORY_BLOCK
 from .frontend import Frontend
 
 log = logging.getLogger(__name__)
@@ -30,9 +37,15 @@ class DeviceBroken(PeerError):
 
 
 class SimulatedLinuxGuest:
-    def __init__(self, frontend: Frontend, touch: bool = True, busy_backoff: float = 0.05):
+    def __init__(self, frontend: Frontend, touch: bool = True, busy_backoff: float = 0.05,
+                 onlining: str = "movable", kernel_memory: int | None = None):
+        if onlining not in ("movable", "kernel"):
+            raise ValueError(f"onlining {onlining!r}: movable or kernel")
         self.fe = frontend
         self.touch = touch
+        self.onlining = onlining
+        self.kernel_memory = kernel_memory
+        self.add_failures = 0
         self.busy_backoff = busy_backoff
         self.plugged: set[int] = set()  # block indexes
         self.config = vm.Config(0, 0, 0, 0, 0, 0, 0)  # read at probe
@@ -103,14 +116,36 @@ class SimulatedLinuxGuest:
         index, n = self._first_free_run(want)
         if n == 0:
             return False
+        chunk = self._chunk()
+        opens = index % chunk == 0 and not any(i in self.plugged for i in range(index, index + chunk))
         resp = await self.fe.plug(self._block_gpa(index), n)
-        if resp == ResponseType.ACK:
-            self.plugged.update(range(index, index + n))
-            if self.touch:
-                for i in range(index, index + n):
-                    self._write_block(i)
-            return True
-        return self._not_acked("PLUG", resp)
+        if resp != ResponseType.ACK:
+            return self._not_acked("PLUG", resp)
+        if opens and not await self._add_memory_block(index, n):
+            return False
+        self.plugged.update(range(index, index + n))
+        if self.touch:
+            for i in range(index, index + n):
+                self._write_block(i)
+        return True
+
+    async def _add_memory_block(self, index: int, n: int) -> bool:
+        """Linux adds the memory block after plugging its first blocks; False: rolled back."""
+        chunk = self._chunk()
+        earlier = sorted(i for i in self.plugged if i // chunk != index // chunk)
+        in_region = self.onlining == "kernel" and earlier
+        if not in_region and self.kernel_memory is not None:
+            if self.kernel_memory < MEMMAP_PER_MEMORY_BLOCK:
+                self.add_failures += 1
+                resp = await self.fe.unplug(self._block_gpa(index), n)
+                if resp != ResponseType.ACK:
+                    self._not_acked("UNPLUG", resp)
+                return False
+            self.kernel_memory -= MEMMAP_PER_MEMORY_BLOCK
+        if in_region and not self.touch:  # the memmap lands in memory onlined before
+            gpa = self._block_gpa(earlier[-1] - earlier[-1] % chunk)
+            self.fe.ram.write(gpa, b"\xa5" * min(MEMMAP_PER_MEMORY_BLOCK, self.config.block_size * chunk))
+        return True
 
     async def _unplug_step(self, want: int) -> bool:
         top = max(self.plugged)

@@ -5,10 +5,10 @@
   backing file (see ``Host.allocated``). Never RSS: a process's RSS drops on
   MADV_DONTNEED although nothing was freed;
 - outside plugged: allocated bytes in unplugged blocks (must be 0);
-- memmap estimate: Linux keeps a 64-byte struct page per 4 KiB page, 2 MiB
-  per 128 MiB memory block that has any plugged block. Without
-  memmap_on_memory (Linux 7.2's virtio_mem) it comes out of the guest's
-  boot memory; with it, out of the plugged range itself.
+- memmap: Linux keeps a 64-byte struct page per 4 KiB page, 2 MiB per 128
+  MiB memory block that has any plugged block; where it lives is observed
+  (see memmap.py). Linux 7.2's virtio_mem ignores memmap_on_memory: the
+  guest gains all it plugged either way.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..host.interface import Backing, Host
+from .memmap import LINUX_MEMORY_BLOCK, MEMMAP_PER_MEMORY_BLOCK, PlacementObserver, memory_blocks_used
 from .model import VirtioMemModel
 
-LINUX_MEMORY_BLOCK = 128 << 20  # Linux's memory block on x86-64 (sysfs block_size_bytes)
-MEMMAP_PER_MEMORY_BLOCK = LINUX_MEMORY_BLOCK // 64
+__all__ = ["LINUX_MEMORY_BLOCK", "Footprint", "footprint", "memmap_report", "plugged_overlap"]
 
 
 @dataclass(frozen=True)
@@ -58,29 +58,13 @@ def plugged_overlap(model: VirtioMemModel, gpa: int, length: int) -> int:
     return total
 
 
-def memmap_estimate(model: VirtioMemModel) -> dict[str, Any]:
-    """Guest memmap cost of what is plugged, per Linux memory block used."""
-    g = model.geometry
-    bs = model.block_size
-    used = 0
-    # Linux memory blocks are aligned to 128 MiB in guest-physical space.
-    block = g.addr - g.addr % LINUX_MEMORY_BLOCK
-    end = g.addr + g.region_size
-    while block < end:
-        lo = max(block, g.addr)
-        hi = min(block + LINUX_MEMORY_BLOCK, end)
-        first = (lo - g.addr) // bs
-        count = -(-(hi - g.addr) // bs) - first
-        if model.bitmap.count_range(first, count):
-            used += 1
-        block += LINUX_MEMORY_BLOCK
+def memmap_report(model: VirtioMemModel, placement: PlacementObserver) -> dict[str, Any]:
+    """The guest's memmap for what is plugged, and where it was seen to live."""
+    used = memory_blocks_used(model)
     memmap = used * MEMMAP_PER_MEMORY_BLOCK
-    plugged = model.plugged_size
     return {
         "linux_memory_blocks_used": used,
         "memmap_bytes": memmap,
-        # Linux 7.2 virtio_mem: memmap from boot memory; the guest gains all it plugged.
-        "without_memmap_on_memory": {"guest_gain": plugged, "boot_memory_cost": memmap},
-        # With memmap_on_memory the memmap lives inside the plugged range.
-        "with_memmap_on_memory": {"guest_gain": max(plugged - memmap, 0), "boot_memory_cost": 0},
+        "guest_gain": model.plugged_size,  # all of it: the memmap is never carved out of it
+        **placement.report(memmap),
     }

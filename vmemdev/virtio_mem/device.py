@@ -27,10 +27,13 @@ from ..host.interface import Backing, CgroupProbe, Host, Memory
 from ..protocol import virtio_mem as vm
 from ..protocol.virtio_mem import MemRequest, RequestType, ResponseType
 from ..sizes import format_size
-from .accounting import Footprint, footprint, memmap_estimate
+from .accounting import Footprint, footprint, memmap_report
+from .ceiling import MemmapCeiling, boot_memory
 from .headroom import Assessment, HeadroomRule, Unallocated
 from .limits import MEMORY_HIGH, MEMORY_MAX, Limits
+from .memmap import PlacementObserver, memory_blocks_used, opens_memory_blocks
 from .model import BUSY, NACK, Answer, Geometry, Plug, Unplug, UnplugAll, VirtioMemModel
+from .rollback import RollbackDetector
 from .stats import Stats
 
 log = logging.getLogger(__name__)
@@ -145,6 +148,8 @@ class VirtioMem:
         headroom: HeadroomRule | None = None,
         prealloc: bool = False,
         publish: Publish = _no_events,
+        memmap_reserve: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.model = VirtioMemModel(geometry, 0)
         self.host = host
@@ -154,8 +159,13 @@ class VirtioMem:
         self.prealloc = prealloc
         self.publish = publish
         self.stats = Stats()
+        self.placement = PlacementObserver()
+        self.ceiling = MemmapCeiling()
+        self.rollbacks = RollbackDetector()
+        self.clock = clock
         self.memory: Memory | None = None
         self._warned_generation: int | None = None
+        self.set_memmap_reserve(memmap_reserve)
         self.check_requested_size(requested_size)
         self.model.set_requested_size(requested_size)
 
@@ -202,10 +212,21 @@ class VirtioMem:
             raise ConfigError(f"requested size {format_size(size)} is above {MEMORY_MAX} "
                               f"({format_size(max_)})")
 
-    def resize(self, requested_size: int, *, reason: str = "operator") -> bool:
-        """Set requested_size; True when config space changed (notify the driver)."""
+    def resize(self, requested_size: int, *, reason: str = "operator", force: bool = False) -> bool:
+        """Set requested_size; True when config space changed (notify the driver).
+
+        Raises ConfigError with the reason, also when the size is above the
+        memmap ceiling of a guest seen onlining movable (unless ``force``).
+        """
         self.check_requested_size(requested_size)
+        if not force:
+            problem = self.ceiling.refusal(requested_size, self.model.requested_size, self.boot_memory(),
+                                           self.placement.onlining, self.model.block_size)
+            if problem:
+                raise ConfigError(problem)
         changed = self.model.set_requested_size(requested_size)
+        if changed:
+            self.rollbacks.requested_changed()
         m = self.model
         log.info("requested size set to %s by %s (usable %s, plugged %s)%s",
                  format_size(requested_size), reason, format_size(m.usable_region_size),
@@ -243,6 +264,15 @@ class VirtioMem:
         self.publish("MEMORY_HIGH_EXCEEDED", footprint=fp.allocated, high=high, requested=target)
         return changed
 
+    def set_memmap_reserve(self, reserve: int | None) -> None:
+        """The boot memory a movable-onlining guest keeps (None: the default)."""
+        if reserve is not None and (isinstance(reserve, bool) or not isinstance(reserve, int)
+                                    or reserve < 0):
+            raise ConfigError(f"memmap reserve {reserve!r} must be a non-negative size")
+        self.ceiling.reserve = reserve
+        if reserve is not None:
+            log.info("memmap reserve set to %s", format_size(reserve))
+
     # --- accounting ------------------------------------------------------------------
 
     def footprint(self) -> Footprint | None:
@@ -256,6 +286,16 @@ class VirtioMem:
         except GuestMemoryError:
             return None
         return footprint(self.model, self.host, pieces)
+
+    def boot_memory(self) -> int | None:
+        """The guest's memory outside the device region (None: no front-end)."""
+        memory = self.memory
+        return None if memory is None else boot_memory([(p.gpa, p.length) for p in memory.all_backing()], self.geometry)
+
+    def memmap_status(self) -> dict[str, Any]:
+        report = memmap_report(self.model, self.placement)
+        report.update(self.ceiling.report(self.boot_memory(), self.placement.onlining, self.model.block_size))
+        return report
 
     def status(self) -> dict[str, Any]:
         m = self.model
@@ -272,6 +312,8 @@ class VirtioMem:
             "cgroup": self.cgroup.path if self.cgroup else None,
             "prealloc": self.prealloc,
             "host_allocated": fp.allocated if fp else None,
+            "memmap": self.memmap_status(),
+            "hot_add_failures": self.rollbacks.to_json(),
         }
 
     def accounting(self) -> dict[str, Any]:
@@ -282,7 +324,7 @@ class VirtioMem:
             "host_allocated": fp.allocated if fp else None,
             "allocated_extents": [list(e) for e in fp.extents] if fp else None,
             "allocated_outside_plugged": fp.outside_plugged if fp else None,
-            "memmap": memmap_estimate(self.model),
+            "memmap": self.memmap_status(),
         }
 
     def limits_report(self) -> dict[str, Any]:
@@ -441,13 +483,58 @@ class VirtioMem:
         return work
 
     def _commit(self, decision: Plug | Unplug | UnplugAll, started: float) -> bytes:
-        response = self.model.commit(decision).pack()
+        m = self.model
+        opened = isinstance(decision, Plug) and opens_memory_blocks(m, decision.addr, decision.size)
+        plugged_before = m.plugged_size
+        response = m.commit(decision).pack()
+        self._observe(decision, opened, plugged_before)
         kind = (RequestType.PLUG if isinstance(decision, Plug) else RequestType.UNPLUG
                 if isinstance(decision, Unplug) else RequestType.UNPLUG_ALL)
-        m = self.model
         if m.plugged_size == m.requested_size:
             self.publish("REQUESTED_REACHED", plugged=m.plugged_size)
         return self._done(kind, response, started)
+
+    # --- what the guest's requests tell about its memmap ---------------------------------
+
+    def _observe(self, decision: Plug | Unplug | UnplugAll, opened: bool, plugged_before: int) -> None:
+        now = self.clock()
+        if isinstance(decision, Plug):
+            self.rollbacks.plugged(decision.addr, decision.size, opened, now)
+            if opened:  # every earlier memory block is added and onlined by now
+                allocated = self._region_allocated()
+                if allocated is not None:
+                    self.placement.sample(memory_blocks_used(self.model),
+                                          allocated - self.stats.bytes_preallocated)
+            return
+        if isinstance(decision, UnplugAll):
+            self.placement.reset()
+            self.rollbacks.unplugged_all()
+            return
+        self.placement.interrupted()
+        m = self.model
+        rollback = self.rollbacks.unplugged(decision.addr, decision.size, plugged_before,
+                                            m.requested_size, now)
+        if rollback is None:
+            return
+        self.stats.hot_add_failures += 1
+        log.warning("the guest rolled back %#x+%s %.0f ms after plugging it (%d time(s) for requested "
+                    "%s, plugged %s): %s", rollback.addr, format_size(rollback.size),
+                    rollback.seconds * 1000, rollback.count, format_size(m.requested_size),
+                    format_size(m.plugged_size), rollback.to_json()["cause"])
+        self.publish("HOT_ADD_FAILED", **rollback.to_json(), onlining=self.placement.onlining,
+                     requested=m.requested_size, plugged=m.plugged_size)
+
+    def _region_allocated(self) -> int | None:
+        """The host allocation of the device region, or None when it cannot be read."""
+        memory = self.memory
+        g = self.geometry
+        if memory is None:
+            return None
+        try:
+            return sum(self.host.allocated(piece) for piece in memory.backing(g.addr, g.region_size))
+        except (GuestMemoryError, OSError) as exc:
+            log.debug("cannot measure the region for the memmap observation: %s", exc)
+            return None
 
     def _busy(self, reason: str, kind: str, gpa: int, size: int, started: float,
               detail: str = "") -> bytes:

@@ -14,6 +14,7 @@ class Stats:
         self.latencies: collections.deque[float] = collections.deque(maxlen=window)
         self.bytes_discarded = 0
         self.bytes_preallocated = 0
+        self.hot_add_failures = 0  # rollbacks of a memory block the guest could not add
 
     def record(self, kind: str, outcome: str, seconds: float) -> None:
         self.requests[(kind, outcome)] += 1
@@ -36,4 +37,5 @@ class Stats:
                            "max": round(lat[-1] * 1e6, 1) if lat else None},
             "bytes_discarded": self.bytes_discarded,
             "bytes_preallocated": self.bytes_preallocated,
+            "hot_add_failures": self.hot_add_failures,
         }

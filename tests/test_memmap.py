@@ -1,0 +1,261 @@
+"""The guest's memmap: where it lives, the ceiling of a movable-onlining guest,
+and the driver's rollback of a memory block it could not add.
+
+Sequences in tests/data/memmap/ were recorded from the real guest lab (QEMU
+11.1.3 TCG, Linux 7.2, onlining movable) with
+tests/e2e/memmap/record_sequences.py; the *.notes.txt next to them say how.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vmemdev.errors import ConfigError
+from vmemdev.host.fake import FakeHost, FakeMemory
+from vmemdev.protocol.virtio_mem import MemRequest, MemResponse, RequestType, ResponseType
+from vmemdev.virtio_mem.ceiling import boot_memory, default_reserve
+from vmemdev.virtio_mem.device import HostWork, VirtioMem
+from vmemdev.virtio_mem.model import Geometry
+from vmemdev.virtio_mem.rollback import RollbackDetector
+
+MiB = 1 << 20
+GiB = 1 << 30
+MB = 128 * MiB  # a Linux memory block
+A = 1 << 32
+DATA = Path(__file__).parent / "data" / "memmap"
+TYPES = {t.name: t for t in RequestType}
+
+
+class Guest:
+    """A VirtioMem over the fake host, a clock the test sets, and the events it publishes."""
+
+    def __init__(self, region=GiB, block=2 * MiB, boot=512 * MiB, **options):
+        self.now = 0.0
+        self.host = FakeHost()
+        self.events: list[tuple[str, dict]] = []
+        self.dev = VirtioMem(Geometry(A, region, block), 0, host=self.host, clock=lambda: self.now,
+                             publish=lambda name, /, **data: self.events.append((name, data)), **options)
+        self.dev.attach(FakeMemory([(0, boot), (A, region)]))
+
+    def request(self, kind: str, addr=0, nb=0) -> str:
+        step = self.dev.begin(MemRequest(TYPES[kind], addr, nb).pack(), 10)
+        if isinstance(step, HostWork):
+            step = self.dev.finish(step, step.run(self.host))
+        return ResponseType(MemResponse.unpack(step).type).name
+
+    def replay(self, name: str) -> None:
+        """Each recorded request at its recorded time, with the requested size it saw."""
+        for line in (DATA / f"{name}.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            self.now = r["t"]
+            if r["requested"] != self.dev.requested_size:
+                self.dev.resize(r["requested"], force=True)
+            assert self.request(r["type"], r["addr"], r["nb_blocks"]) == r["response"], r
+            assert self.dev.plugged_size == r["plugged"], r
+
+    def add(self, k: int, memmap_in_region: bool) -> None:
+        """The driver plugs Linux memory block k whole; a kernel-zone guest's
+        memmap for the block added before it appears in the region."""
+        if self.dev.requested_size < (k + 1) * MB:
+            self.dev.resize((k + 1) * MB, force=True)
+        assert self.request("PLUG", A + k * MB, MB // self.dev.model.block_size) == "ACK"
+        if memmap_in_region and k >= 1:
+            self.host.touch(A + (k - 1) * MB, 2 * MiB)
+        self.now += 0.05
+
+    def failures(self) -> list[dict]:
+        return [data for name, data in self.events if name == "HOT_ADD_FAILED"]
+
+
+# --- rollback detection on recorded sequences ------------------------------------
+
+
+def test_recorded_rollback_is_detected_with_its_retry():
+    g = Guest()
+    g.replay("rollback")
+    failed = g.failures()
+    assert [(f["addr"], f["size"], f["count"]) for f in failed] == [(0x130000000, MB, 1), (0x130000000, MB, 2)]
+    assert failed[0]["seconds"] < 0.1 and "kernel memory" in failed[0]["cause"]
+    assert g.dev.stats.hot_add_failures == 2
+    assert g.dev.status()["hot_add_failures"]["total"] == 2
+    # six blocks added before it, none left 2 MiB in the region: the guest onlines movable
+    assert g.dev.placement.onlining == "movable"
+    assert g.dev.memmap_status()["charged_to_boot_memory"] == 6 * 2 * MiB
+
+
+@pytest.mark.parametrize("name", ["ordinary", "bbm"])
+def test_recorded_sequences_without_a_failed_add_do_not_trigger(name):
+    """Resize down (an UNPLUG 0.43 s after the same block's PLUG), UNPLUG_ALL at
+    the probe after a reboot, and big-block mode's 256M plugs and unplugs."""
+    g = Guest(block=256 * MiB if name == "bbm" else 2 * MiB)
+    g.replay(name)
+    assert g.failures() == [] and g.dev.stats.hot_add_failures == 0
+
+
+# --- rollback detection on sequences built from the driver's behaviour -----------
+
+
+def rolled(d: RollbackDetector, *steps) -> list:
+    out = []
+    for step in steps:
+        if step[0] == "plug":
+            d.plugged(*step[1:])
+        elif step[0] == "unplug":
+            out.append(d.unplugged(*step[1:]))
+        else:
+            d.unplugged_all()
+    return [r for r in out if r is not None]
+
+
+def test_a_rollback_needs_the_same_range_soon_and_no_shrink():
+    assert len(rolled(RollbackDetector(), ("plug", A, MB, True, 0.0), ("unplug", A, MB, MB, GiB, 0.1))) == 1
+    # too late: the guest unplugged for another reason
+    assert rolled(RollbackDetector(), ("plug", A, MB, True, 0.0), ("unplug", A, MB, MB, GiB, 6.0)) == []
+    # another range
+    assert rolled(RollbackDetector(), ("plug", A, MB, True, 0.0), ("unplug", A, MB // 2, MB, GiB, 0.1)) == []
+    # asked to shrink (plugged > requested): an ordinary resize down
+    assert rolled(RollbackDetector(), ("plug", A, MB, True, 0.0), ("unplug", A, MB, 2 * MB, MB, 0.1)) == []
+    # the plug went into a memory block already added: nothing to add, nothing to roll back
+    assert rolled(RollbackDetector(), ("plug", A, MB, False, 0.0), ("unplug", A, MB, MB, GiB, 0.1)) == []
+    # the driver moved on to another plug before unplugging: the add succeeded
+    assert rolled(RollbackDetector(), ("plug", A, MB, True, 0.0), ("plug", A + MB, MB, False, 0.05),
+                  ("unplug", A, MB, 2 * MB, GiB, 0.1)) == []
+    # UNPLUG_ALL (the driver's probe after a reboot) between them
+    assert rolled(RollbackDetector(), ("plug", A, MB, True, 0.0), ("all",),
+                  ("unplug", A, MB, MB, GiB, 0.1)) == []
+
+
+def test_partial_first_plug_and_unaligned_plugs():
+    g = Guest()
+    g.dev.resize(64 * MiB)
+    assert g.request("PLUG", A, 32) == "ACK"  # the driver plugs what is needed of a fresh block
+    g.now += 0.03
+    assert g.request("UNPLUG", A, 32) == "ACK"
+    assert len(g.failures()) == 1
+    g.dev.resize(128 * MiB)
+    assert g.request("PLUG", A, 32) == "ACK"  # added this time
+    assert g.request("PLUG", A + 64 * MiB, 32) == "ACK"  # into the block already added
+    assert g.request("UNPLUG", A + 64 * MiB, 32) == "ACK"
+    assert len(g.failures()) == 1
+
+
+def test_count_restarts_when_the_requested_size_changes():
+    g = Guest()
+    g.dev.resize(256 * MiB)
+    for _ in range(2):
+        g.request("PLUG", A, 64)
+        g.now += 0.05
+        g.request("UNPLUG", A, 64)
+        g.now += 50
+    assert [f["count"] for f in g.failures()] == [1, 2]
+    g.dev.resize(128 * MiB)
+    g.request("PLUG", A, 64)
+    g.request("UNPLUG", A, 64)
+    assert [(f["count"], f["total"]) for f in g.failures()][-1] == (1, 3)
+
+
+# --- where the memmap lives ------------------------------------------------------
+
+
+def test_kernel_zone_onlining_is_seen_in_the_region():
+    g = Guest()
+    for k in range(5):
+        g.add(k, memmap_in_region=True)
+    m = g.dev.memmap_status()
+    # blocks 0..3 are added when block 4 is plugged; block 0's memmap is in boot memory
+    assert m["onlining"] == "kernel"
+    assert (m["blocks_observed"]["memmap_in_region"], m["blocks_observed"]["memmap_outside"]) == (3, 1)
+    assert m["held_in_region"] == 3 * 2 * MiB
+    assert m["charged_to_boot_memory"] == m["memmap_bytes"] - 3 * 2 * MiB == 2 * 2 * MiB
+
+
+def test_movable_onlining_leaves_the_region_untouched():
+    g = Guest()
+    for k in range(3):
+        g.add(k, memmap_in_region=False)
+    assert g.dev.placement.onlining == "unknown"  # two blocks seen added: not enough
+    g.add(3, memmap_in_region=False)
+    m = g.dev.memmap_status()
+    assert m["onlining"] == "movable" and m["held_in_region"] == 0
+    assert m["charged_to_boot_memory"] == 4 * 2 * MiB
+
+
+def test_auto_movable_is_mixed_and_a_reboot_starts_over():
+    g = Guest(region=2 * GiB)
+    for k in range(8):
+        g.add(k, memmap_in_region=k >= 4)  # movable first, then kernel-zone blocks carry the rest
+    assert g.dev.placement.onlining == "mixed"
+    assert g.request("UNPLUG_ALL") == "ACK"
+    assert g.dev.placement.onlining == "unknown"
+
+
+def test_preallocated_plugs_are_not_taken_for_memmap():
+    g = Guest(prealloc=True)
+    for k in range(4):
+        g.add(k, memmap_in_region=False)
+    assert g.dev.placement.onlining == "movable"
+
+
+# --- the ceiling -----------------------------------------------------------------
+
+
+def test_boot_memory_is_the_table_outside_the_device_region():
+    geo = Geometry(A, GiB, 2 * MiB)
+    assert boot_memory([(0, 640 << 10), (768 << 10, 511 * MiB), (A, GiB)], geo) == 640 * 1024 + 511 * MiB
+    assert boot_memory([(0, A + GiB)], geo) == A  # one region holding both
+    assert default_reserve(512 * MiB) == 256 * MiB and default_reserve(256 * MiB) == 192 * MiB
+
+
+def movable_guest(**options) -> Guest:
+    g = Guest(region=64 * GiB, **options)
+    for k in range(4):
+        g.add(k, memmap_in_region=False)
+    return g
+
+
+def test_a_resize_above_the_ceiling_of_a_movable_guest_is_refused_with_the_numbers():
+    g = movable_guest()
+    assert g.dev.memmap_status()["ceiling"] == 16 * GiB  # 64 x (512M - 256M)
+    with pytest.raises(ConfigError) as exc:
+        g.dev.resize(32 * GiB)
+    msg = str(exc.value)
+    assert "memmap ceiling 16G" in msg and "boot memory 512M" in msg and "reserve 256M, the default" in msg
+    assert "vmemdev ctl resize 32G --force" in msg
+    assert g.dev.requested_size == 4 * MB
+    g.dev.resize(16 * GiB)
+    g.dev.resize(32 * GiB, force=True)
+    g.dev.resize(24 * GiB)  # lowering is never refused
+    with pytest.raises(ConfigError):
+        g.dev.resize(25 * GiB)
+
+
+def test_the_reserve_moves_the_ceiling():
+    g = movable_guest(memmap_reserve=448 * MiB)
+    assert g.dev.memmap_status()["ceiling"] == 4 * GiB
+    g.dev.set_memmap_reserve(None)
+    assert g.dev.memmap_status()["ceiling"] == 16 * GiB
+    g.dev.set_memmap_reserve(GiB)  # more than the boot memory: nothing may be added
+    assert g.dev.memmap_status()["ceiling"] == 0
+    for bad in (-1, "1G", 1.5, True):
+        with pytest.raises(ConfigError):
+            g.dev.set_memmap_reserve(bad)
+
+
+@pytest.mark.parametrize("in_region", [True, None])
+def test_no_ceiling_for_kernel_zone_or_unknown_onlining(in_region):
+    g = Guest(region=64 * GiB)
+    if in_region:
+        for k in range(4):
+            g.add(k, memmap_in_region=True)
+    assert g.dev.memmap_status()["applies"] is False
+    g.dev.resize(64 * GiB)
+
+
+def test_without_a_front_end_there_is_no_boot_memory_and_no_ceiling():
+    g = movable_guest()
+    g.dev.attach(None)
+    assert g.dev.memmap_status()["ceiling"] is None
+    g.dev.resize(64 * GiB)
