@@ -500,11 +500,13 @@ class VirtioMem:
         now = self.clock()
         if isinstance(decision, Plug):
             self.rollbacks.plugged(decision.addr, decision.size, opened, now)
-            if opened:  # every earlier memory block is added and onlined by now
+            # Every earlier memory block is added and onlined by now. With
+            # --prealloc plugged blocks are allocated already: a memmap put in
+            # them adds nothing, so the placement cannot be seen (stays unknown).
+            if opened and not self.prealloc:
                 allocated = self._region_allocated()
                 if allocated is not None:
-                    self.placement.sample(memory_blocks_used(self.model),
-                                          allocated - self.stats.bytes_preallocated)
+                    self.placement.sample(memory_blocks_used(self.model), allocated)
             return
         if isinstance(decision, UnplugAll):
             self.placement.reset()
