@@ -275,17 +275,21 @@ class VirtioMem:
 
     # --- accounting ------------------------------------------------------------------
 
-    def footprint(self) -> Footprint | None:
-        """What the host holds for the region; None when it is not shared (yet)."""
+    def region_pieces(self) -> list[Backing] | None:
+        """The fd pieces behind the device region; None when it is not shared (yet)."""
         memory = self.memory
         g = self.geometry
         if memory is None:
             return None
         try:
-            pieces = memory.backing(g.addr, g.region_size)
+            return memory.backing(g.addr, g.region_size)
         except GuestMemoryError:
             return None
-        return footprint(self.model, self.host, pieces)
+
+    def footprint(self) -> Footprint | None:
+        """What the host holds for the region; None when it is not shared (yet)."""
+        pieces = self.region_pieces()
+        return None if pieces is None else footprint(self.model, self.host, pieces)
 
     def boot_memory(self) -> int | None:
         """The guest's memory outside the device region (None: no front-end)."""
@@ -338,7 +342,7 @@ class VirtioMem:
         any moment, and it is charged then. Raises OSError."""
         g = self.geometry
         memory = self.memory
-        pieces = self.device_backing(g.addr, g.region_size)
+        pieces = self.region_pieces()
         if memory is None or pieces is None:
             return Unallocated(self.model.plugged_size, 0)
         plugged = self.model.plugged_size - sum(self.host.allocated(p) for p in pieces)
@@ -528,13 +532,12 @@ class VirtioMem:
 
     def _region_allocated(self) -> int | None:
         """The host allocation of the device region, or None when it cannot be read."""
-        memory = self.memory
-        g = self.geometry
-        if memory is None:
+        pieces = self.region_pieces()
+        if pieces is None:
             return None
         try:
-            return sum(self.host.allocated(piece) for piece in memory.backing(g.addr, g.region_size))
-        except (GuestMemoryError, OSError) as exc:
+            return sum(self.host.allocated(piece) for piece in pieces)
+        except OSError as exc:
             log.debug("cannot measure the region for the memmap observation: %s", exc)
             return None
 
