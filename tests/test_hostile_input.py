@@ -193,22 +193,40 @@ async def test_memory_regions_the_daemon_cannot_safely_map(daemon, caplog):
     fe.release()
 
 
-async def test_second_front_end_is_refused_then_accepted_after_disconnect(attached, nursery, caplog):
+async def test_second_front_end_waits_until_the_first_leaves(attached, nursery):
+    """A front-end that connects while one is attached is neither served nor
+    closed: it waits, the attached one is undisturbed, and it is served as
+    soon as the first leaves (its handshake completes then)."""
     service, fe = attached
     second = Frontend(fe.socket_path)
-    await second.connect()
-    await expect_closed(second)
-    assert "refused a second front-end connection" in caplog.text
+    handshake_done = trio.Event()
+
+    async def handshake():
+        await second.realize()
+        handshake_done.set()
+    nursery.start_soon(handshake)
+    await trio.sleep(0.5)
+    assert not handshake_done.is_set()
+    assert (await fe.get_config()).block_size == B  # the attached front-end is served as before
+    await fe.close()  # (the fixture releases its memory)
+    with trio.fail_after(5):
+        await handshake_done.wait()
+    await second.start()
+    assert (await second.get_config()).block_size == B
     await second.close()
     second.release()
+
+
+async def test_a_quick_reconnect_is_served(attached, nursery):
+    """Close and connect again at once, as a restarted front-end does: the new
+    connection is queued behind the old one's teardown, never reset."""
+    service, fe = attached
+    path = fe.socket_path
     await fe.close()
-    with trio.fail_after(5):
-        while service.frontend_attached:
-            await trio.sleep(0.01)
-    third = await attach(nursery, service, fe.socket_path)
-    assert (await third.get_config()).block_size == B
-    await third.close()
-    third.release()
+    again = await attach(nursery, service, path)
+    assert (await again.get_config()).block_size == B
+    await again.close()
+    again.release()
 
 
 # --- hostile rings ---------------------------------------------------------------

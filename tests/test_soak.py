@@ -44,7 +44,7 @@ def test_resize_cycles_do_not_grow_the_daemon():
 def test_reconnects_do_not_leak():
     with Lab(guest_touches=False) as lab:
         pid = lab.process.pid
-        lab.close_guest()  # a second front-end would be refused while the lab's is attached
+        lab.close_guest()  # a second front-end would wait while the lab's is attached
         samples = []
 
         async def reconnect_many():

@@ -55,7 +55,12 @@ async def serve_listener(
     tracer: Tracer | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept front-ends one at a time; refuse a second while one is attached."""
+    """Serve front-ends one at a time, in the order they connected.
+
+    A front-end that connects while another is attached waits in the
+    listen backlog: it is accepted, and served, once the first has gone (a
+    quick reconnect after a close is never reset), and it cannot disturb the
+    attached one meanwhile."""
     async def handle(connection: FrontendConnection) -> None:
         log.info("front-end connected")
         runtime.events.publish("FRONTEND_CONNECTED")
@@ -75,14 +80,9 @@ async def serve_listener(
             )
 
     task_status.started()
-    async with trio.open_nursery() as nursery:
-        while True:
-            sock = await accept(listener)
-            if runtime.frontend_attached:
-                log.warning("refused a second front-end connection: this device already has one")
-                sock.close()
-                continue
-            nursery.start_soon(handle, runtime.connect(sock, tracer))
+    while True:
+        sock = await accept(listener)
+        await handle(runtime.connect(sock, tracer))
 
 
 def status_line(runtime: DeviceRuntime) -> str:
