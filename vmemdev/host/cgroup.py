@@ -49,6 +49,10 @@ class Cgroup:
             return CgroupReading(None, levels[0].usage, None)
         return min(limited, key=lambda r: r.limit - r.usage)  # type: ignore[operator]
 
+    def usage(self) -> int:
+        """This cgroup's own charge (not the binding level's); raises OSError."""
+        return self._level(self.path).usage
+
     def _hierarchy(self) -> list[str]:
         """This cgroup and the ancestors whose limits apply to it."""
         paths = [self.path]

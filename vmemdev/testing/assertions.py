@@ -46,6 +46,6 @@ def cgroup_charge(path: str):
         assert abs(charge.delta - 256 * MiB) < 8 * MiB
     """
     cgroup = Cgroup(path)
-    result = ChargeDelta(cgroup.read().usage)
+    result = ChargeDelta(cgroup.usage())
     yield result
-    result.after = cgroup.read().usage
+    result.after = cgroup.usage()
