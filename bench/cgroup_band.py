@@ -28,53 +28,27 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import trio
 
 from vmemdev.protocol.virtio_mem import ResponseType
+from vmemdev.testing.cgroup import ChildMemoryCgroup
 from vmemdev.testing.frontend import Frontend
 
 MiB = 1 << 20
 ADDR = 1 << 32
-V1_ROOT = "/sys/fs/cgroup/memory"
 
 
-class Child:
-    def __init__(self) -> None:
-        own = next(line.split(":", 2)[2].strip() for line in open("/proc/self/cgroup")
-                   if line.split(":")[1] == "memory")
-        self.path = os.path.join(V1_ROOT + own, f"vmemdev-band-{uuid.uuid4().hex[:8]}")
-        os.mkdir(self.path)
-
-    def read(self, name: str) -> str:
-        with open(os.path.join(self.path, name)) as f:
-            return f.read()
-
-    def usage(self) -> int:
-        return int(self.read("memory.usage_in_bytes"))
-
-    def counted(self) -> int:
-        stat = {k: int(v) for k, v in (line.split() for line in self.read("memory.stat").splitlines())}
-        return stat["total_rss"] + stat["total_cache"] + int(self.read("memory.kmem.usage_in_bytes"))
-
-    def enter(self) -> None:
-        with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
-
-    def remove(self) -> None:
-        for _ in range(100):
-            try:
-                os.rmdir(self.path)
-                return
-            except OSError:
-                time.sleep(0.1)
+def counted(cg: ChildMemoryCgroup) -> int:
+    """What the cgroup's statistics count: pages (rss + cache) and kernel memory."""
+    stat = {k: int(v) for k, v in (line.split() for line in cg.read("memory.stat").splitlines())}
+    return stat["total_rss"] + stat["total_cache"] + int(cg.read("memory.kmem.usage_in_bytes"))
 
 
 def overhead(size: int, how: str) -> int:
     """Bytes charged beyond ``size`` when a member process allocates a memfd's pages."""
-    cg = Child()
+    cg = ChildMemoryCgroup("vmemdev-band")
     fd = os.memfd_create("band")
     os.ftruncate(fd, size)
     ready_r, ready_w = os.pipe()
@@ -108,7 +82,7 @@ def overhead(size: int, how: str) -> int:
 
 
 async def daemon_growth(region: int, cycles: int) -> dict[str, int]:
-    cg = Child()
+    cg = ChildMemoryCgroup("vmemdev-band")
     tmp = tempfile.TemporaryDirectory(prefix="vmemdev-band-")
     sock = os.path.join(tmp.name, "vm0.sock")
     proc = subprocess.Popen([sys.executable, "-m", "vmemdev", "serve", "--socket-path", sock,
@@ -130,7 +104,7 @@ async def daemon_growth(region: int, cycles: int) -> dict[str, int]:
                 if i % 16 == 0:
                     usage, held = cg.usage(), fe.dimm_allocated()
                     growth = max(growth, usage - base - held - held // 431)
-                    batch = max(batch, usage - cg.counted())
+                    batch = max(batch, usage - counted(cg))
             assert await fe.unplug_all() == ResponseType.ACK
         await trio.sleep(0.5)
         end = cg.usage() - base

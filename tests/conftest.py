@@ -11,6 +11,7 @@ import trio
 from vmemdev.daemon.control_server import ControlServer
 from vmemdev.daemon.runtime import DeviceRuntime
 from vmemdev.daemon.vhost_server import serve
+from vmemdev.testing.cgroup import ChildMemoryCgroup, unavailable
 from vmemdev.testing.frontend import Frontend
 from vmemdev.virtio_mem.model import Geometry
 
@@ -19,6 +20,19 @@ GiB = 1 << 30
 B = 2 * MiB  # block size of the conformance cases
 A = 4 * GiB  # device address
 R = 1 * GiB  # region size
+
+
+@pytest.fixture
+def memory_cgroup():
+    """A throw-away cgroup v1 memory cgroup (no limit set). Fails, never skips,
+    where it cannot be made: these tests are what shows the cgroup rules hold."""
+    problem = unavailable()
+    if problem:
+        pytest.fail(f"needs a writable cgroup v1 memory controller ({problem}; root on this "
+                    "project's machines and in CI)")
+    cg = ChildMemoryCgroup()
+    yield cg
+    cg.remove()
 
 
 @pytest.fixture(autouse=True)

@@ -13,75 +13,26 @@ plugged blocks.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
-import time
-import uuid
 
 import pytest
 
 from vmemdev.protocol.virtio_mem import ResponseType
+from vmemdev.testing.cgroup import ChildMemoryCgroup
 
 from .test_ctl_cli import A, Daemon, attach_guest, ctl
 
 MiB = 1 << 20
 BLOCK = 2 * MiB
-V1_ROOT = "/sys/fs/cgroup/memory"
 LIMIT = 384 * MiB
 
 
-class V1Cgroup:
-    """A child of our own memory cgroup (so our parents' limits apply too)."""
-
-    def __init__(self, limit: int):
-        own = next(line.split(":", 2)[2].strip() for line in open("/proc/self/cgroup")
-                   if line.split(":")[1] == "memory")
-        self.path = os.path.join(V1_ROOT + own, f"vmemdev-headroom-{uuid.uuid4().hex[:8]}")
-        os.mkdir(self.path)
-        self.write("memory.limit_in_bytes", limit)
-        self.limit = limit
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
-    def write(self, name: str, value: object) -> None:
-        with open(self.file(name), "w") as f:
-            f.write(str(value))
-
-    def read(self, name: str) -> str:
-        with open(self.file(name)) as f:
-            return f.read()
-
-    def usage(self) -> int:
-        return int(self.read("memory.usage_in_bytes"))
-
-    def oom_kills(self) -> int:
-        fields = dict(line.split() for line in self.read("memory.oom_control").splitlines())
-        return int(fields["oom_kill"])
-
-    def enter(self) -> None:
-        """For preexec_fn: the child and what it allocates are charged here."""
-        self.write("cgroup.procs", os.getpid())
-
-    def remove(self) -> None:
-        for _ in range(100):
-            try:
-                os.rmdir(self.path)
-                return
-            except OSError:
-                time.sleep(0.1)
-
-
 @pytest.fixture
-def vm_cgroup():
-    if not os.access(V1_ROOT, os.W_OK) or not os.path.exists(os.path.join(V1_ROOT, "memory.limit_in_bytes")):
-        pytest.fail("needs a writable cgroup v1 memory controller at /sys/fs/cgroup/memory "
-                    "(root on this project's machines and in CI)")
-    cg = V1Cgroup(LIMIT)
-    yield cg
-    cg.remove()
+def vm_cgroup(memory_cgroup):
+    memory_cgroup.write("memory.limit_in_bytes", LIMIT)
+    return memory_cgroup
 
 
 # A guest's writes: a process in the VM's cgroup that maps the device memory
@@ -114,7 +65,7 @@ GROWER = textwrap.dedent("""
 class Toucher:
     """The guest's writes, from a process in the VM's cgroup."""
 
-    def __init__(self, cgroup: V1Cgroup, dimm_fd: int):
+    def __init__(self, cgroup: ChildMemoryCgroup, dimm_fd: int):
         self.proc = subprocess.Popen([sys.executable, "-c", TOUCHER, str(dimm_fd)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, preexec_fn=cgroup.enter,
                                      pass_fds=(dimm_fd,))
@@ -130,7 +81,7 @@ class Toucher:
         self.proc.wait()
 
 
-def start_grower(cgroup: V1Cgroup, total: int) -> subprocess.Popen:
+def start_grower(cgroup: ChildMemoryCgroup, total: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", GROWER, str(total), str(MiB)],
                             stdout=subprocess.PIPE, text=True, preexec_fn=cgroup.enter)
 
@@ -154,11 +105,11 @@ async def plug_until_refused(fe, blocks_per_request: int, after_ack=None, extra:
     return answers
 
 
-async def check_after(daemon: Daemon, cgroup: V1Cgroup, answers: list[int]) -> dict:
+async def check_after(daemon: Daemon, cgroup: ChildMemoryCgroup, answers: list[int]) -> dict:
     assert cgroup.oom_kills() == 0, "the OOM killer ran in the VM's cgroup"
     # Stronger: no charge ever failed against the limit (each failure means
     # reclaim, and with nothing reclaimable, the OOM killer).
-    assert int(cgroup.read("memory.failcnt")) == 0, "the cgroup hit its limit"
+    assert cgroup.failcnt() == 0, "the cgroup hit its limit"
     assert daemon.proc.poll() is None, "the daemon died: " + daemon.logs()
     acks = answers.count(ResponseType.ACK)
     assert acks > 0 and ResponseType.ACK not in answers[acks:], answers
@@ -186,7 +137,7 @@ async def test_prealloc_never_crosses_the_limit(nursery, tmp_path, vm_cgroup, bl
         # Not needlessly timid: what is left is what the rule keeps back: the
         # refused request, the band and the front-end's boot RAM (64M, never
         # written here, so still owed), with 4M to spare for the overheads.
-        left = vm_cgroup.limit - vm_cgroup.usage()
+        left = LIMIT - vm_cgroup.usage()
         assert left < blocks_per_request * BLOCK + 32 * MiB + 64 * MiB + 4 * MiB, left
         await fe.close()
         fe.release()

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 import trio
@@ -166,32 +165,14 @@ def test_not_a_cgroup_is_a_clear_error(tmp_path):
         Cgroup(str(tmp_path))
 
 
-V1_ROOT = "/sys/fs/cgroup/memory"
 
 
 def v1_usage(path: str) -> int:
     return Cgroup(path).usage()
 
 
-@pytest.fixture
-def child_cgroup():
-    if not os.access(V1_ROOT, os.W_OK) or not os.path.exists(os.path.join(V1_ROOT, "memory.limit_in_bytes")):
-        pytest.skip("needs a writable cgroup v1 memory controller (root on this project's machines)")
-    # Under our own cgroup, so the parent's limits apply as they would to a VM.
-    own = next(line.split(":", 2)[2].strip() for line in open("/proc/self/cgroup")
-               if line.split(":")[1] == "memory")
-    path = os.path.join(V1_ROOT + own, f"vmemdev-test-{uuid.uuid4().hex[:8]}")
-    os.mkdir(path)
-    yield path
-    for _ in range(50):
-        try:
-            os.rmdir(path)
-            break
-        except OSError:
-            time.sleep(0.1)
-
-
-async def test_prealloc_charges_a_real_cgroup_and_headroom_stops_plugs(nursery, tmp_path, child_cgroup):
+async def test_prealloc_charges_a_real_cgroup_and_headroom_stops_plugs(nursery, tmp_path, memory_cgroup):
+    child_cgroup = memory_cgroup.path
     limit = 384 * MiB
     with open(os.path.join(child_cgroup, "memory.limit_in_bytes"), "w") as f:
         f.write(str(limit))

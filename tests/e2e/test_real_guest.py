@@ -26,9 +26,10 @@ import json
 import os
 import re
 import time
-import uuid
 
 import pytest
+
+from vmemdev.testing.cgroup import ChildMemoryCgroup, unavailable
 
 from .harness import (
     BLOCK_SIZE,
@@ -528,46 +529,25 @@ def test_g_ctl_wait_and_memory_max(lab):
 # --------------------------------------------------------------------------
 
 
-CGROUP_V1_MEMORY = "/sys/fs/cgroup/memory"
-
-
-def child_memory_cgroup() -> str:
+@pytest.fixture
+def memory_cgroup():
     """A new child of this process's cgroup v1 memory cgroup. The e2e tier runs
     as root on cgroup v1 (CI too): if it cannot be made, the environment is
     broken and g' fails saying so; a skip would hide that g' never ran."""
-    own = next((line.split(":", 2)[2].strip() for line in open("/proc/self/cgroup")
-                if line.split(":")[1] == "memory"), "/")
-    path = os.path.join(CGROUP_V1_MEMORY + own, f"vmemdev-e2e-{uuid.uuid4().hex[:8]}")
-    needs = (f"g' needs a cgroup v1 memory controller mounted at {CGROUP_V1_MEMORY} "
-             f"in which root can create a child cgroup")
+    problem = unavailable()
     error = None
-    try:
-        os.mkdir(path)
-    except OSError as exc:
-        error = f"{exc.strerror} (errno {exc.errno})"
-    if error:  # failed outside the except: no chained OSError traceback above the message
-        pytest.fail(f"cannot create the test cgroup {path}: {error}; {needs}", pytrace=False)
-    if not os.path.exists(os.path.join(path, "memory.limit_in_bytes")):
-        os.rmdir(path)
-        pytest.fail(f"{path} was created but has no memory.limit_in_bytes (not cgroup v1 memory); {needs}",
-                    pytrace=False)
-    return path
-
-
-@pytest.fixture
-def memory_cgroup():
-    path = child_memory_cgroup()
-    yield path
-    # (requested before `lab` by the test, so torn down after it: the daemon is gone)
-    for _ in range(100):
+    if not problem:
         try:
-            os.rmdir(path)
-            break
+            cg = ChildMemoryCgroup("vmemdev-e2e")
         except OSError as exc:
-            error = exc
-            time.sleep(0.1)
-    else:
-        note(f"could not remove the test cgroup {path}: {error}")
+            error = f"{exc.strerror} (errno {exc.errno})"
+    if problem or error:  # failed outside the except: no chained traceback above the message
+        pytest.fail(f"cannot create the test cgroup: {problem or error}; g' needs a cgroup v1 memory "
+                    "controller in which root can create a child cgroup", pytrace=False)
+    yield cg.path
+    # (requested before `lab` by the test, so torn down after it: QEMU and the daemon are gone)
+    if not cg.remove():
+        note(f"could not remove the test cgroup {cg.path}")
 
 
 REFUSALS_ALLOWED_IN_3S = 10
