@@ -221,6 +221,9 @@ class GuestMemory(GpaAccess):
             f"front-end address range {uaddr:#x}+{length:#x} is not inside one shared region"
         )
 
+    def table(self) -> tuple[MemoryRegion, ...]:
+        return tuple(r.desc for r in self._regions)
+
     def all_backing(self) -> list[Backing]:
         """Every region's fd piece: all the guest RAM the front-end shared."""
         return [Backing(r.fd, r.desc.mmap_offset, r.size, r.address, r.gpa) for r in self.regions]

@@ -47,6 +47,10 @@ class GuestMemory(Protocol):
     def replace_all(self, descs: tuple[MemoryRegion, ...], fds: tuple[int, ...]) -> set[int]:
         """SET_MEM_TABLE; returns the fds it now owns."""
 
+    def table(self) -> tuple[MemoryRegion, ...]:
+        """The regions mapped now, in order."""
+        ...
+
     def uva_area(self, uaddr: int, length: int) -> Area: ...
 
     def check_gpa(self, gpa: int, length: int) -> None: ...
