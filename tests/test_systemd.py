@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import shutil
@@ -82,10 +83,21 @@ def test_type_notify_ready_status_stopping(tmp_path):
     proc = subprocess.Popen(VMEMDEV + ["serve", "--socket-path", str(tmp_path / "vm0.sock"),
                                        "--requested-size", "64M"], env=env, stderr=subprocess.PIPE)
     try:
-        messages = [notify.recv(4096).decode() for _ in range(2)]
+        messages, stored = [], []
+        for _ in range(3):
+            data, ancillary, _, _ = notify.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
+            messages.append(data.decode())
+            stored += [array.array("i", payload) for level, kind, payload in ancillary
+                       if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)]
         assert "READY=1" in messages
         status = next(m for m in messages if m.startswith("STATUS="))
         assert status == "STATUS=plugged 0, requested 64M, front-end waiting"
+        # The listening socket goes to the fd store, for a restarted process to keep it.
+        assert "FDSTORE=1\nFDNAME=vhost-user" in messages and len(stored) == 1 and len(stored[0]) == 1
+        kept = socket.socket(fileno=stored[0][0])
+        assert kept.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        assert kept.getsockname().startswith(str(tmp_path / "vm0.sock"))  # bound as .new, then renamed
+        kept.close()
         proc.send_signal(signal.SIGTERM)
         assert notify.recv(4096).decode() == "STOPPING=1"
         assert proc.wait(timeout=10) == 0

@@ -17,8 +17,6 @@ from vmemdev.testing.assertions import (
 )
 from vmemdev.testing.lab import Lab
 
-from .test_ctl_cli import child_cgroup  # noqa: F401  (fixture)
-
 MiB = 1 << 20
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "test_host_accounting.py"
 
@@ -44,7 +42,8 @@ def test_assertions_catch_memory_outside_plugged_blocks(vmemdev_lab):
     assert vmemdev_lab.accounting()["allocated_outside_plugged"] == 4096 + 8 * MiB
 
 
-def test_cgroup_charge_follows_a_preallocating_daemon(child_cgroup):  # noqa: F811
+def test_cgroup_charge_follows_a_preallocating_daemon(memory_cgroup):
+    child_cgroup = memory_cgroup.path
     with Lab(daemon_args=("--prealloc", "--cgroup", child_cgroup), guest_touches=False,
              cgroup_procs=os.path.join(child_cgroup, "cgroup.procs")) as lab:
         with cgroup_charge(child_cgroup) as charge:

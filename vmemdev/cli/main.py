@@ -110,7 +110,7 @@ def _logging_options(p: argparse.ArgumentParser, defaults: bool) -> None:
                    **({"default": None} | keep))
 
 
-COMMANDS = ("serve", "ctl", "demo")
+COMMANDS = ("serve", "ctl", "demo", "hold")
 
 
 def backend_convention(argv: list[str]) -> list[str]:
@@ -189,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     for command in cmds.choices.values():  # `ctl status --json` as well as `ctl --json status`
         _ctl_options(command, defaults=False)
 
+    hold = sub.add_parser("hold", help="run a worker (e.g. `vmemdev serve ...`), keep the fds it stores "
+                                       "and restart it with them when it dies")
+    _logging_options(hold, defaults=False)
+    hold.add_argument("--max-fds", type=int, default=64, help="fds kept at most (64)")
+    hold.add_argument("worker", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                      help="the worker's command line")
+
     demo = sub.add_parser("demo", help="serve a device to a built-in simulated QEMU + Linux guest")
     _logging_options(demo, defaults=False)
     _device_options(demo)
@@ -222,13 +229,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(backend_convention(argv))
     if args.command is None:
-        parser.error("a command is needed: serve or demo")
+        parser.error("a command is needed: serve, ctl, hold or demo")
     if args.command == "ctl":
         from . import ctl
 
         return ctl.run(args)
-    systemd.setup_logging(args.log_level or ("info" if args.command == "serve" else "warning"),
+    systemd.setup_logging(args.log_level or ("info" if args.command in ("serve", "hold") else "warning"),
                           instance_name(args), args.log_format)
+    if args.command == "hold":
+        from ..daemon.holder import FdStore, Holder
+
+        worker = args.worker[1:] if args.worker[:1] == ["--"] else args.worker
+        if not worker:
+            parser.error("hold needs the worker's command after --, e.g. "
+                         "`vmemdev hold -- vmemdev serve --socket-path PATH ...`")
+        if args.max_fds < 1:
+            parser.error("--max-fds must be at least 1")
+        return Holder(worker, FdStore(args.max_fds)).run()
     geometry = _geometry(parser, args)
     from ..daemon.runtime import DeviceRuntime
     from ..host.cgroup import Cgroup
@@ -250,11 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     if args.command == "serve":
-        if args.socket_path is None and args.fd is None:
-            activated = systemd.listen_fds()
+        activated = systemd.listen_fds() if args.fd is None else {}
+        if "vhost-user" in activated:  # socket activation, or kept for us by a service manager
+            args.fd = activated["vhost-user"]
+        elif args.socket_path is None and args.fd is None:
             if not activated:
                 parser.error("serve needs --socket-path PATH, --fd N or systemd socket activation")
-            args.fd = activated.get("vhost-user", next(iter(activated.values())))
+            args.fd = next(iter(activated.values()))
         if args.fd is not None and args.fd < 0:
             parser.error("--fd must be a non-negative file descriptor")
         from ..daemon.control_server import ControlServer

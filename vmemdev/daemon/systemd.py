@@ -7,11 +7,13 @@ needed.
 
 from __future__ import annotations
 
+import array
 import json
 import logging
 import os
 import socket
 import sys
+from collections.abc import Sequence
 
 SD_LISTEN_FDS_START = 3
 
@@ -19,19 +21,28 @@ SD_LISTEN_FDS_START = 3
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
-def notify(state: str) -> bool:
-    """Send one sd_notify message ("READY=1", "STATUS=...", "STOPPING=1"); False without systemd."""
+def notify(state: str, fds: Sequence[int] = ()) -> bool:
+    """Send one sd_notify message ("READY=1", "STATUS=...", "STOPPING=1"), with
+    ``fds`` attached (for FDSTORE=1); False without a service manager."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]  # abstract namespace
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         try:
-            sock.sendto(state.encode(), address)
+            sock.sendmsg([state.encode()], ancillary, 0, address)
         except OSError:
             return False
     return True
+
+
+def store_fds(name: str, fds: Sequence[int]) -> bool:
+    """Keep copies of ``fds`` in the service manager's fd store under ``name``
+    (systemd with FileDescriptorStoreMax=, or `vmemdev hold`); a restarted
+    process gets them back through listen_fds(). False when nobody keeps them."""
+    return notify(f"FDSTORE=1\nFDNAME={name}", fds)
 
 
 def listen_fds() -> dict[str, int]:

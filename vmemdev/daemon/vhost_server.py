@@ -123,11 +123,16 @@ async def serve(
             if handle_signals else None
         if listen_fd is not None:
             listener = trio.socket.from_stdlib_socket(socket.socket(fileno=listen_fd))
-            where = f"fd {listen_fd}"
+            where = f"fd {listen_fd}" if socket_path is None else f"{socket_path} (inherited fd {listen_fd})"
+            if socket_path is not None:
+                stack.callback(_unlink_if_present, socket_path)
         elif socket_path is not None:
             listener = await bind_unix_listener(socket_path)
             where = socket_path
             stack.callback(_unlink_if_present, socket_path)
+            # A service manager that keeps fds (systemd's store, `vmemdev hold`) hands
+            # this socket to the next process if this one dies: the path stays served.
+            systemd.store_fds("vhost-user", [listener.fileno()])
         else:
             raise ConfigError("serve needs a socket path or a listening fd")
         stack.callback(listener.close)
