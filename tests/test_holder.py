@@ -65,7 +65,7 @@ def test_a_killed_worker_is_restarted_with_the_fds_it_stored(tmp_path):
         report = out.read_text()
         assert report.startswith("generation-1 pid=") and report != f"generation-1 pid={first}"
         log = holder.stderr.read()
-        assert "died (signal SIGKILL); restarting it" in log and "stored 1 fd(s) as 'state'" in log
+        assert "died (signal SIGKILL); restarting it" in log and "with 1 stored fds" in log
     finally:
         holder.kill()
         holder.wait()

@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="boot memory a guest that onlines movable keeps for itself; its memmap "
                             "ceiling is 64 x (boot memory - SIZE) (default: half the boot memory, "
                             "at least 192M)")
+    serve.add_argument("--state-file", metavar="PATH",
+                       help="keep the attached front-end's connection resumable by a successor "
+                            "(under `vmemdev hold` or systemd's fd store): its state is kept in PATH "
+                            "(a tmpfs, e.g. /run/vmemdev/vm0.state)")
     serve.add_argument("--prealloc", action="store_true",
                        help="allocate plugged blocks on the host before acknowledging a plug")
     _device_options(serve)
@@ -209,6 +213,29 @@ def _geometry(parser: argparse.ArgumentParser, args) -> Geometry:
         return Geometry(args.region_addr, args.region_size, args.block_size, args.node_id)
     except ConfigError as exc:
         parser.error(str(exc))
+
+
+def _resume(runtime, state_file: str | None, fds: dict[str, int]):
+    """The connection a dead predecessor was serving, when its fds were kept
+    for us; exits 2 naming the file when its state cannot be used."""
+    log = logging.getLogger("vmemdev")
+    if state_file is None:
+        return None
+    if "conn" not in fds:  # nothing to resume: a state file left over describes no live connection
+        if os.path.exists(state_file):
+            log.info("no kept connection: removing the stale state %s", state_file)
+            os.unlink(state_file)
+        return None
+    from ..daemon import keeper
+    from ..vhost.snapshot import StateError
+
+    try:
+        return runtime.resume(keeper.load(state_file), fds)
+    except StateError as exc:
+        log.error("cannot resume the front-end's connection: %s. The saved state was not used and "
+                  "no memory was discarded; the kept connection is dropped when this process exits. "
+                  "To start afresh, stop the service and remove %s.", exc, state_file)
+        raise SystemExit(2) from exc
 
 
 def instance_name(args) -> str:
@@ -263,11 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         runtime = DeviceRuntime(geometry, args.requested_size, limits=limits, cgroup=cgroup,
                                 headroom=HeadroomRule(getattr(args, "cgroup_band", DEFAULT_BAND)),
                                 prealloc=getattr(args, "prealloc", False),
-                                memmap_reserve=getattr(args, "memmap_reserve", None))
+                                memmap_reserve=getattr(args, "memmap_reserve", None),
+                                state_file=getattr(args, "state_file", None))
     except ConfigError as exc:
         parser.error(str(exc))
     if args.command == "serve":
         activated = systemd.listen_fds() if args.fd is None else {}
+        resumed = _resume(runtime, args.state_file, activated)
         if "vhost-user" in activated:  # socket activation, or kept for us by a service manager
             args.fd = activated["vhost-user"]
         elif args.socket_path is None and args.fd is None:
@@ -285,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             if control is None:
                 logging.getLogger("vmemdev").warning("no control socket: resize and limits are not available")
             trio.run(lambda: serve(runtime, socket_path=args.socket_path, listen_fd=args.fd,
-                                   trace_path=args.trace_file, control=control))
+                                   trace_path=args.trace_file, control=control, resumed=resumed))
         except VmemdevError as exc:
             logging.getLogger("vmemdev").error("%s", exc)
             return 1

@@ -40,6 +40,8 @@ from ..errors import PeerError
 from ..protocol import vhost_user as vu
 from ..vhost.engine import BackendChannel, Effect, Engine, RingFd, RingRequest, Serve
 from ..vhost.interfaces import Device, GuestMemory
+from ..vhost.snapshot import snapshot
+from .keeper import Persistence, SavedAnswer, crash_point
 from .trace import Tracer
 from .vhost_wire import ConnectionClosed, RefusedMessage, close_all, read_message
 
@@ -50,6 +52,9 @@ ServeRequest = Callable[[RingRequest], bytes]
 
 READABLE = select.POLLIN
 BROKEN = select.POLLERR | select.POLLHUP | select.POLLNVAL
+# Messages that change nothing a successor would need: not saved (GET_CONFIG is hot).
+READ_ONLY = frozenset({vu.Request.GET_FEATURES, vu.Request.GET_PROTOCOL_FEATURES, vu.Request.GET_CONFIG,
+                       vu.Request.GET_QUEUE_NUM, vu.Request.GET_MAX_MEM_SLOTS})
 
 
 class Stopping(Exception):
@@ -87,12 +92,15 @@ class RingFds:
 class FrontendConnection:
     def __init__(self, sock: socket.socket | trio.socket.SocketType, device: Device, memory: GuestMemory,
                  serve_request: ServeRequest, *, lock: threading.Lock | None = None,
-                 tracer: Tracer | None = None):
+                 tracer: Tracer | None = None, engine: Engine | None = None,
+                 persistence: Persistence | None = None):
         if isinstance(sock, trio.socket.SocketType):
             sock = socket.socket(fileno=sock.detach())
         sock.setblocking(False)
         self.sock = sock
-        self.engine = Engine(device, memory)
+        self.engine = engine or Engine(device, memory)  # given: resumed from a saved state
+        self.persistence = persistence
+        self.resumed = engine is not None
         self.serve_request = serve_request
         self.lock = lock or threading.Lock()
         self.max_request = getattr(device, "max_request", 256)
@@ -122,6 +130,8 @@ class FrontendConnection:
                 await trio.to_thread.run_sync(self.serve_forever, abandon_on_cancel=False)
                 nursery.cancel_scope.cancel()
         finally:
+            if self.persistence is not None:  # it ended for good: nothing to resume
+                self.persistence.keeper.forget()
             self.close()
 
     async def _stop_when_cancelled(self) -> None:
@@ -143,6 +153,42 @@ class FrontendConnection:
         if self._wakeup is not None:
             os.eventfd_write(self._wakeup, 1)
 
+    def adopt_fds(self, fds: dict[str, int]) -> None:
+        """A successor's: the ring eventfds and backend channel the dead process kept."""
+        for ring in self.rings:
+            for kind in ("kick", "call", "err"):
+                fd = fds.get(f"{kind}{ring.index}")
+                if fd is not None:
+                    self._set_ring_fd(RingFd(kind, ring.index, fd))
+        if "backend" in fds:
+            self._set_backend_channel(fds["backend"])
+
+    def fds_by_role(self) -> dict[str, int]:
+        """Every fd of the connection, by the name a successor finds it under."""
+        fds = {"conn": self.sock.fileno()}
+        if self._backend_sock is not None:
+            fds["backend"] = self._backend_sock.fileno()
+        for ring in self.rings:
+            for kind, fd in (("kick", ring.kick_fd), ("call", ring.call_fd), ("err", ring.err_fd)):
+                if fd is not None:
+                    fds[f"{kind}{ring.index}"] = fd
+        for i, fd in enumerate(self.memory.fds()):
+            fds[f"mem{i}"] = fd
+        return fds
+
+    def persist(self, answer: SavedAnswer | None = None) -> None:
+        """Keep the connection resumable (the device lock is held)."""
+        p = self.persistence
+        if p is None:
+            return
+        try:
+            p.keeper.keep_fds(self.fds_by_role())
+            p.keeper.save(snapshot(self.engine), p.record(), answer)
+        except OSError as exc:
+            log.error("cannot save the connection state (%s): a restart now would lose it", exc)
+        if answer is not None:
+            crash_point("answer-saved")  # decided and saved, not yet in the used ring
+
     def close(self) -> None:
         """Close every fd this connection holds, its socket included."""
         for ring in self.rings:
@@ -161,6 +207,10 @@ class FrontendConnection:
         assert self._wakeup is not None
         self._poll.register(self._wakeup, READABLE)
         self._poll.register(self.sock, READABLE)
+        if self.resumed:  # the dead process may have taken a kick without serving it
+            with self.lock:
+                for ring in self.rings:
+                    self._drain(ring)
         try:
             while True:
                 for fd, events in self._poll.poll():
@@ -215,6 +265,8 @@ class FrontendConnection:
         else:
             with self.lock:
                 reply = self._dispatch(request, flags, payload, fds)
+                if request not in READ_ONLY:
+                    self.persist()
         if reply is not None:
             if self.tracer:
                 self.tracer.record(False, request, int(vu.REPLY_FLAGS), reply, 0)
@@ -340,9 +392,29 @@ class FrontendConnection:
         """Answer every request waiting on ``ring`` (the device lock is held)."""
         engine = self.engine
         while (request := engine.take(ring.index, self.max_request)) is not None:
-            response = self.serve_request(request) if request.chain is not None else b""
+            response = self._answer(ring.index, request)
             engine.complete(request, response)
             ring.signal_used()
+
+    def _answer(self, index: int, request: RingRequest) -> bytes:
+        p = self.persistence
+        queue = self.engine.rings[index].queue
+        used_after = None if queue is None else (queue.used_idx + 1) & 0xFFFF
+        if p is not None and p.answer is not None:
+            saved, p.answer = p.answer, None
+            if (saved.ring, saved.head, saved.request, saved.used_idx) == (index, request.head, request.data,
+                                                                          used_after):
+                log.info("vring %d: head %d re-delivered after a restart: answered as decided before",
+                         index, request.head)
+                return saved.response
+        if request.chain is None:
+            return b""
+        before = p.version() if p is not None else None
+        response = self.serve_request(request)
+        if p is not None and used_after is not None and p.version() != before:
+            # Saved before the guest can see it in the used ring.
+            self.persist(SavedAnswer(index, request.head, request.data, response, used_after))
+        return response
 
     # --- config-change notifications (backend channel) ---------------------------------
 

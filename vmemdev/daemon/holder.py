@@ -10,8 +10,9 @@ holder starts it again with those fds, as systemd passes them:
 The holder is the process that must not die, so it does as little as
 possible: it reads only its own worker's notify datagrams (a socket in a
 private directory), never anything from a guest or a front-end. A clean exit
-of the worker (status 0) ends the holder; SIGTERM and SIGINT are passed on
-to the worker, which then exits cleanly.
+of the worker (status 0) ends the holder, and so does status 2 (a usage or
+state error a restart cannot fix); SIGTERM and SIGINT are passed on to the
+worker, which then exits cleanly.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 MAX_STORED = 64  # like FileDescriptorStoreMax=
 FIRST_DELAY, MAX_DELAY = 0.1, 5.0  # restart back-off, doubling
 STABLE = 10.0  # a worker that ran this long resets the back-off
+USAGE_ERROR = 2  # as RestartPreventExitStatus=2 in the systemd unit
 _FD_BASE = 1000  # stored fds are moved above this in the child before dup2 to 3...
 
 
@@ -76,7 +78,7 @@ def handle_notify(store: FdStore, data: bytes, fds: list[int]) -> bool:
     valid_name = 0 < len(name) <= 255 and ":" not in name and name.isprintable()
     if fields.get("FDSTORE") == "1" and fds and valid_name:
         store.store(name, fds)
-        log.info("stored %d fd(s) as %r", len(fds), name)
+        log.debug("stored %d fd(s) as %r", len(fds), name)
         fds = []
     elif fields.get("FDSTOREREMOVE") == "1" and valid_name:
         store.remove(name)
@@ -145,6 +147,10 @@ class Holder:
                 if status == 0 or self.stopping:
                     log.info("worker %d exited with status %d; done", self.worker.pid, status)
                     return 0 if status in (0, -signal.SIGTERM, -signal.SIGINT) else 1
+                if status == USAGE_ERROR:  # a restart cannot fix a bad option or a bad state
+                    log.error("worker %d exited with status 2 (usage or state error): not restarted",
+                              self.worker.pid)
+                    return USAGE_ERROR
                 self.restarts += 1
                 delay = FIRST_DELAY if time.monotonic() - started > STABLE else min(delay * 2, MAX_DELAY)
                 log.error("worker %d died (%s); restarting it in %.1f s with %d stored fds",

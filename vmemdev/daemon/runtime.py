@@ -14,7 +14,10 @@ control plane (Trio) each hold it while they use the device.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import time
 from typing import Any
 
 import trio
@@ -22,12 +25,14 @@ import trio
 from ..host.interface import CgroupProbe
 from ..host.system import SystemHost
 from ..vhost.engine import MAX_MEM_SLOTS, RingRequest
+from ..vhost.snapshot import StateError, restore
 from ..virtio_mem.device import VirtioMem
 from ..virtio_mem.headroom import HeadroomRule
 from ..virtio_mem.limits import Limits
 from ..virtio_mem.model import Geometry
 from .connection import FrontendConnection
 from .events import EventBus
+from .keeper import ConnectionKeeper, Persistence, SavedAnswer, SavedState
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +40,8 @@ log = logging.getLogger(__name__)
 class DeviceRuntime:
     def __init__(self, geometry: Geometry, requested_size: int = 0, *, limits: Limits | None = None,
                  cgroup: CgroupProbe | None = None, headroom: HeadroomRule | None = None,
-                 prealloc: bool = False, memmap_reserve: int | None = None):
+                 prealloc: bool = False, memmap_reserve: int | None = None,
+                 state_file: str | None = None):
         self.events = EventBus()
         self.lock = threading.Lock()
         self.host = SystemHost()
@@ -44,6 +50,8 @@ class DeviceRuntime:
                                 memmap_reserve=memmap_reserve)
         self.frontend: FrontendConnection | None = None
         self.sessions_ended = 0  # front-end connections served to the end
+        self.state_file = state_file  # keep the attached connection resumable (keeper.py)
+        self.restores: list[float] = []  # when a connection was resumed from a dead process
 
     @property
     def geometry(self) -> Geometry:
@@ -59,9 +67,45 @@ class DeviceRuntime:
         """The connection for a newly accepted front-end; the device borrows its memory."""
         memory = self.host.guest_memory(MAX_MEM_SLOTS)
         self.frontend = FrontendConnection(sock, self.device, memory, self.serve_request, lock=self.lock,
-                                           tracer=tracer)
+                                           tracer=tracer, persistence=self._persistence())
         with self.lock:
             self.device.attach(memory)
+        return self.frontend
+
+    def _persistence(self, answer: SavedAnswer | None = None) -> Persistence | None:
+        if self.state_file is None:
+            return None
+        model = self.device.model
+        return Persistence(ConnectionKeeper(self.state_file),
+                           version=lambda: (model.bitmap.count, model.requested_size, model.usable_region_size),
+                           record=model.to_record, answer=answer)
+
+    def resume(self, state: SavedState, fds: dict[str, int], tracer: Any = None) -> FrontendConnection:
+        """The connection a dead process was serving, from its saved state and
+        the fds the service manager kept. Raises StateError (nothing kept then)."""
+        missing = [name for name in ["conn", *(f"mem{i}" for i in range(len(state.engine.regions)))]
+                   if name not in fds]
+        if missing:
+            raise StateError(f"{self.state_file}: the fd store lacks {', '.join(missing)}")
+        with self.lock:
+            try:
+                self.device.model.restore(state.device)
+            except ValueError as exc:
+                raise StateError(f"{self.state_file}: {exc}") from exc
+            memory = self.host.guest_memory(MAX_MEM_SLOTS)
+            regions = [fds[f"mem{i}"] for i in range(len(state.engine.regions))]
+            engine = restore(self.device, memory, state.engine, regions)
+            sock = socket.socket(fileno=fds["conn"])
+            self.frontend = FrontendConnection(sock, self.device, memory, self.serve_request, lock=self.lock,
+                                               tracer=tracer, engine=engine,
+                                               persistence=self._persistence(state.answer))
+            self.frontend.adopt_fds(fds)
+            self.device.attach(memory)
+        self.restores.append(time.time())
+        d = self.device
+        log.warning("resumed the front-end connection of a process that died: plugged %d, requested %d",
+                    d.plugged_size, d.requested_size)
+        self.events.publish("CONNECTION_RESUMED", plugged=d.plugged_size, requested=d.requested_size)
         return self.frontend
 
     def disconnected(self) -> None:
@@ -104,6 +148,8 @@ class DeviceRuntime:
         if frontend is None:
             log.info("no front-end attached: the driver reads the new config when it probes")
         else:
+            with self.lock:  # saved before the driver can see it
+                frontend.persist()
             frontend.notify_config_change()
         with self.lock:
             d = self.device.model
@@ -114,6 +160,8 @@ class DeviceRuntime:
         with self.lock:
             out = self.device.status()
         out["frontend"] = "attached" if self.frontend_attached else "waiting"
+        out["pid"] = os.getpid()
+        out["resumed"] = {"count": len(self.restores), "last": self.restores[-1] if self.restores else None}
         return out
 
     async def monitor(self, interval: float = 1.0, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -53,9 +53,11 @@ async def serve_listener(
     runtime: DeviceRuntime,
     *,
     tracer: Tracer | None = None,
+    resumed: FrontendConnection | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve front-ends one at a time, in the order they connected.
+    """Serve front-ends one at a time, in the order they connected (after
+    ``resumed``, the connection a dead process was serving, if any).
 
     A front-end that connects while another is attached waits in the
     listen backlog: it is accepted, and served, once the first has gone (a
@@ -80,6 +82,8 @@ async def serve_listener(
             )
 
     task_status.started()
+    if resumed is not None:
+        await handle(resumed)
     while True:
         sock = await accept(listener)
         await handle(runtime.connect(sock, tracer))
@@ -109,6 +113,7 @@ async def serve(
     listen_fd: int | None = None,
     trace_path: str | None = None,
     control: ControlServer | None = None,
+    resumed: FrontendConnection | None = None,
     handle_signals: bool = True,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -145,7 +150,8 @@ async def serve(
         if tracer:
             stack.callback(tracer.close)
         async with trio.open_nursery() as nursery:
-            await nursery.start(functools.partial(serve_listener, listener, runtime, tracer=tracer))
+            await nursery.start(functools.partial(serve_listener, listener, runtime, tracer=tracer,
+                                                  resumed=resumed))
             if control is not None:
                 await nursery.start(control.run)
             await nursery.start(runtime.monitor)

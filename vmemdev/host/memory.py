@@ -224,6 +224,9 @@ class GuestMemory(GpaAccess):
     def table(self) -> tuple[MemoryRegion, ...]:
         return tuple(r.desc for r in self._regions)
 
+    def fds(self) -> tuple[int, ...]:
+        return tuple(r.fd for r in self._regions)
+
     def all_backing(self) -> list[Backing]:
         """Every region's fd piece: all the guest RAM the front-end shared."""
         return [Backing(r.fd, r.desc.mmap_offset, r.size, r.address, r.gpa) for r in self.regions]

@@ -67,6 +67,22 @@ class BlockBitmap:
         self._dirty_end = 0
         self.count = 0
 
+    def to_bytes(self) -> bytes:
+        return bytes(self._bits)
+
+    @classmethod
+    def from_bytes(cls, nblocks: int, data: bytes) -> BlockBitmap:
+        """Raises ValueError unless ``data`` is a bitmap of exactly ``nblocks``."""
+        bitmap = cls(nblocks)
+        if len(data) != len(bitmap._bits):
+            raise ValueError(f"{len(data)} bytes for {nblocks} blocks, expected {len(bitmap._bits)}")
+        if nblocks % 8 and data[-1] >> (nblocks % 8):
+            raise ValueError(f"bits set beyond block {nblocks}")
+        bitmap._bits[:] = data
+        bitmap.count = int.from_bytes(data, "little").bit_count()
+        bitmap._dirty_end = len(data)
+        return bitmap
+
     def test(self, index: int) -> bool:
         self._check(index, 1)
         return bool(self._bits[index // 8] >> (index % 8) & 1)

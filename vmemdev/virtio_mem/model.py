@@ -170,6 +170,33 @@ class VirtioMemModel:
         self.usable_region_size = usable
         return changed
 
+    # --- saved state (a successor process resumes from it) ---------------------
+
+    def to_record(self) -> dict[str, int | str]:
+        return {"requested_size": self.requested_size, "usable_region_size": self.usable_region_size,
+                "bitmap": self.bitmap.to_bytes().hex()}
+
+    def restore(self, record: object) -> None:
+        """Take a saved state of this geometry; raises ValueError naming what
+        does not fit (then nothing is changed)."""
+        if not isinstance(record, dict) or set(record) != {"requested_size", "usable_region_size", "bitmap"}:
+            raise ValueError("device state: expected requested_size, usable_region_size and bitmap")
+        requested, usable, bits = record["requested_size"], record["usable_region_size"], record["bitmap"]
+        try:
+            self.check_requested_size(requested)
+        except ConfigError as exc:
+            raise ValueError(f"device state: {exc}") from exc
+        if not isinstance(usable, int) or isinstance(usable, bool) or not 0 <= usable <= self.geometry.region_size \
+                or usable % self.block_size or usable < self._usable_for(requested):
+            raise ValueError(f"device state: usable_region_size {usable!r} does not fit this device")
+        if not isinstance(bits, str):
+            raise ValueError("device state: bitmap must be a hex string")
+        try:
+            bitmap = BlockBitmap.from_bytes(self.geometry.nblocks, bytes.fromhex(bits))
+        except ValueError as exc:
+            raise ValueError(f"device state: bitmap: {exc}") from exc
+        self.bitmap, self.requested_size, self.usable_region_size = bitmap, requested, usable
+
     # --- requests ------------------------------------------------------------
 
     def _range(self, addr: int, nb_blocks: int) -> tuple[int, int] | None:

@@ -1,0 +1,160 @@
+"""kill -9 of `vmemdev serve --state-file` under `vmemdev hold`, with a front-end
+that keeps its connection and ring as QEMU does: the successor serves the same
+connection, with the device state the dead process had, and answers a request
+the dead process had decided as it decided it. Real processes and fds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import trio
+
+from vmemdev.protocol.virtio_mem import BlockState, ResponseType
+from vmemdev.testing.frontend import Frontend
+
+from .test_holder import wait_for, worker_of
+
+VMEMDEV = [sys.executable, "-m", "vmemdev"]
+MiB = 1 << 20
+A = 1 << 32
+
+
+class Held:
+    """`vmemdev hold -- vmemdev serve --state-file ...` and a front-end attached to it."""
+
+    def __init__(self, tmp_path, *serve_args: str, env: dict[str, str] | None = None):
+        self.dir = tmp_path
+        self.sock = str(tmp_path / "vm0.sock")
+        self.state = tmp_path / "vm0.state"
+        self.log_path = tmp_path / "hold.log"
+        self.proc = subprocess.Popen(
+            VMEMDEV + ["hold", "--", *VMEMDEV, "serve", "--socket-path", self.sock,
+                       "--state-file", str(self.state), "--requested-size", "64M", *serve_args],
+            stderr=open(self.log_path, "w"), env=None if env is None else dict(os.environ, **env))
+        wait_for(lambda: (tmp_path / "vm0.ctl").exists())
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def ctl(self, *args: str) -> dict:
+        out = subprocess.run(VMEMDEV + ["ctl", "--control-socket", str(self.dir / "vm0.ctl"), "--json", *args],
+                             capture_output=True, text=True, check=True).stdout
+        return json.loads(out)
+
+    def kill_worker(self) -> int:
+        pid = wait_for(lambda: worker_of(self.proc.pid))
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=20)
+
+
+async def attach(held: Held, nursery) -> Frontend:
+    fe = Frontend(held.sock)
+    await fe.realize()
+    nursery.start_soon(fe.watch_backend_channel)
+    await fe.start()
+    return fe
+
+
+async def test_kill_9_is_a_pause_for_the_front_end(tmp_path, nursery):
+    held = Held(tmp_path)
+    try:
+        fe = await attach(held, nursery)
+        assert await fe.plug(A, 4) == ResponseType.ACK
+        first = held.kill_worker()
+        # The same connection, never closed: the successor answers on it.
+        with trio.fail_after(20):
+            assert await fe.state(A, 4) == (ResponseType.ACK, BlockState.PLUGGED)
+            assert await fe.plug(A + 8 * MiB, 4) == ResponseType.ACK
+            assert await fe.unplug(A, 4) == ResponseType.ACK
+            assert await fe.state(A, 8) == (ResponseType.ACK, BlockState.MIXED)
+        status = held.ctl("status")
+        assert status["pid"] != first and status["resumed"]["count"] == 1
+        assert status["plugged_size"] == 8 * MiB and status["frontend"] == "attached"
+        assert fe.dimm_allocated() <= 8 * MiB  # nothing allocated for unplugged blocks
+        # A resize after the restart reaches the driver through the kept backend channel.
+        seen = fe.config_changes
+        held.ctl("resize", "128M")
+        with trio.fail_after(10):
+            while fe.config_changes == seen:
+                await trio.sleep(0.01)
+        assert (await fe.get_config()).requested_size == 128 * MiB
+        assert "resumed the front-end connection" in held.log()
+        # A clean end of the connection leaves nothing to resume.
+        await fe.close()
+        fe.release()
+        wait_for(lambda: not held.state.exists())
+        assert held.stop() == 0
+    finally:
+        held.proc.kill()
+        held.proc.wait()
+
+
+async def test_a_request_decided_before_the_crash_is_answered_as_decided(tmp_path, nursery):
+    """The process dies after it plugged the blocks and saved the answer, before
+    the used ring shows it: the guest's PLUG is taken again by the successor,
+    whose model already has the blocks plugged. Deciding again would answer
+    ERROR (Linux then marks the device broken); it answers the saved ACK."""
+    marker = tmp_path / "crashed"
+    held = Held(tmp_path, env={"VMEMDEV_CRASH_POINT": f"answer-saved:{marker}"})
+    try:
+        fe = await attach(held, nursery)
+        with trio.fail_after(20):
+            assert await fe.plug(A, 4) == ResponseType.ACK
+        assert marker.exists()  # the first worker did die at that point
+        log = held.log()
+        assert "crash point answer-saved" in log and "re-delivered after a restart" in log
+        with trio.fail_after(20):
+            assert await fe.state(A, 4) == (ResponseType.ACK, BlockState.PLUGGED)
+            assert await fe.plug(A + 8 * MiB, 1) == ResponseType.ACK
+        stats = held.ctl("stats")
+        assert stats["requests"]["PLUG"] == {"ACK": 1}  # the successor decided one plug, not two
+        await fe.close()
+        fe.release()
+        assert held.stop() == 0
+    finally:
+        held.proc.kill()
+        held.proc.wait()
+
+
+async def test_a_corrupted_state_is_refused_naming_the_file(tmp_path, nursery):
+    held = Held(tmp_path)
+    try:
+        fe = await attach(held, nursery)
+        assert await fe.plug(A, 4) == ResponseType.ACK
+        held.state.write_text('{"format": 1, "engine": {"truncated')
+        held.kill_worker()
+        assert held.proc.wait(timeout=20) == 2  # not restarted in a loop
+        log = held.log()
+        assert f"cannot resume the front-end's connection: {held.state}" in log
+        assert f"remove {held.state}" in log and "not restarted" in log
+        with trio.fail_after(10):
+            assert await fe.sock.recv(1) == b""  # the connection is dropped, never misread
+        fe.release()
+    finally:
+        held.proc.kill()
+        held.proc.wait()
+
+
+def test_a_state_file_without_a_kept_connection_is_stale(tmp_path):
+    """A fresh start (no fds kept) never reads an old state as this device's."""
+    state = tmp_path / "vm0.state"
+    state.write_text("left over from a VM long gone")
+    proc = subprocess.Popen(VMEMDEV + ["serve", "--socket-path", str(tmp_path / "vm0.sock"),
+                                       "--state-file", str(state)], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "vm0.ctl").exists())
+        assert not state.exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert "removing the stale state" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
