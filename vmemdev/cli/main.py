@@ -23,6 +23,7 @@ from ..virtio_mem.device import VirtioMem
 from ..virtio_mem.headroom import DEFAULT_BAND, HeadroomRule
 from ..virtio_mem.limits import LIMIT_NAMES, MEMORY_HIGH, MEMORY_MAX, Limits
 from ..virtio_mem.model import Geometry, check_block_multiple
+from ..virtio_mem.protection import DEFAULT_RESCUE_MARGIN
 
 DEFAULT_REGION_ADDR = 0x1_0000_0000
 DEFAULT_REGION_SIZE = "1G"
@@ -37,6 +38,15 @@ def _size_arg(what: str):
             raise argparse.ArgumentTypeError(str(exc)) from exc
 
     return parse
+
+
+def _rescue_arg(text: str) -> int | None:
+    if text == "off":
+        return None
+    size = _size_arg("memmap rescue margin")(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError("memmap rescue margin must be positive (or 'off')")
+    return size
 
 
 def _limit_arg(what: str):
@@ -158,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="boot memory a guest that onlines movable keeps for itself; its memmap "
                             "ceiling is 64 x (boot memory - SIZE) (default: half the boot memory, "
                             "at least 192M)")
+    serve.add_argument("--memmap-rescue", type=_rescue_arg, default=DEFAULT_RESCUE_MARGIN, metavar="SIZE|off",
+                       help="when a guest that onlines movable fails to add memory, lower its requested "
+                            "size so that it removes memory blocks worth SIZE of memmap (2M per 128M) "
+                            f"and stops retrying (default {format_size(DEFAULT_RESCUE_MARGIN)}); 'off' "
+                            "only reports the failure")
     serve.add_argument("--prealloc", action="store_true",
                        help="allocate plugged blocks on the host before acknowledging a plug")
     _device_options(serve)
@@ -182,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmds.add_parser("limits", help="limits and the cgroup's usage")
     reserve = cmds.add_parser("reserve", help="set the memmap reserve: SIZE or 'auto' (the default)")
     reserve.add_argument("value")
+    rescue = cmds.add_parser("rescue", help="set the memmap rescue margin: SIZE or 'off'")
+    rescue.add_argument("margin")
     cmds.add_parser("stats", help="request counters, latency, bytes discarded/preallocated")
     cmds.add_parser("accounting", help="plugged vs host-allocated, memmap estimate")
     events = cmds.add_parser("events", help="recent events; --follow for new ones")
@@ -246,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         runtime = DeviceRuntime(geometry, args.requested_size, limits=limits, cgroup=cgroup,
                                 headroom=HeadroomRule(getattr(args, "cgroup_band", DEFAULT_BAND)),
                                 prealloc=getattr(args, "prealloc", False),
-                                memmap_reserve=getattr(args, "memmap_reserve", None))
+                                memmap_reserve=getattr(args, "memmap_reserve", None),
+                                memmap_rescue=getattr(args, "memmap_rescue", DEFAULT_RESCUE_MARGIN))
     except ConfigError as exc:
         parser.error(str(exc))
     if args.command == "serve":
