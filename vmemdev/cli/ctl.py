@@ -202,7 +202,7 @@ def wait_for_requested(client: Client, timeout: float, stall: float, out, failur
         if failures["total"] > failures_before and failures["last"]:
             last = failures["last"]
             reason = (f"the guest plugged {last['addr']:#x}+{format_size(last['size'])} and rolled it back "
-                      f"after {last['seconds'] * 1000:.0f} ms ({failures['count']} time(s)): {last['cause']}")
+                      f"after {last['seconds'] * 1000:.0f} ms ({last['count']} time(s)): {last['cause']}")
             if (protection.get("last") or {}).get("action") == "rescue":
                 reason += "; " + protection["last"]["reason"]
         elif lowered and plugged == requested:
