@@ -60,6 +60,8 @@ def test_print_capabilities_ignores_everything_else():
         (["--requested-size", "3K"], "not a multiple of the block size"),
         (["--region-addr", "0x100001000"], "not a multiple of the block size"),
         (["--node-id", "70000"], "16 bits"),
+        (["--memmap-rescue", "0"], "memmap rescue margin must be positive (or 'off')"),
+        (["--memmap-rescue", "lots"], "memmap rescue margin"),
     ],
 )
 def test_bad_values_exit_2_with_one_line(tmp_path, args, reason):

@@ -215,38 +215,56 @@ async def test_prealloc_charges_a_real_cgroup_and_headroom_stops_plugs(nursery, 
 
 
 async def test_ctl_names_a_failed_hot_add_and_guards_the_memmap_ceiling(nursery, tmp_path):
-    """A guest onlining movable with 8 MiB of kernel memory left adds four memory
-    blocks, then rolls the fifth back on every try, as Linux 7.2 does."""
+    """A guest onlining movable with 8 MiB of kernel memory left (4 memory blocks'
+    memmap), and 64 MiB of boot RAM: with the default reserve (192M) its ceiling is 0."""
     daemon = Daemon(tmp_path)
     try:
         fe, _ = await attach_guest(nursery, daemon, run_guest=False)
         guest = SimulatedLinuxGuest(fe, touch=False, kernel_memory=8 * MiB)
         await nursery.start(guest.run)
-        # It fails on the rollback, named as such, not on the 60 s stall or timeout.
+        # Asked before its onlining is known: capped once it is seen onlining movable
+        # (third block added), never below what it plugged.
         rc, out, err = await ctl(daemon, "resize", "1G", "--wait", "--stall", "60", "--timeout", "60")
         assert rc == 1, out + err
-        assert "stopped at plugged 512M of requested 1G" in out and "rolled it back" in out, out
-        assert "0x120000000+128M" in out and "kernel memory" in out
-        rc, out, _ = await ctl(daemon, "stats")
-        assert rc == 0 and int(out.split("hot-add")[1].split()[0]) >= 1, out
-        rc, out, _ = await ctl(daemon, "status")
-        assert "onlining    movable" in out and "enforced: the guest onlines movable" in out, out
-        assert "hot-add     " in out and "the guest could not add it" in out
+        assert "stopped at plugged 512M of requested 512M" in out and "above its memmap ceiling 0" in out, out
+        assert "'vmemdev ctl resize 1G --force'" in out
         rc, out, _ = await ctl(daemon, "accounting")
         assert "held in the region  0 (measured)" in out and "charged to boot     8M (estimated)" in out, out
+        rc, out, _ = await ctl(daemon, "status")
+        assert "protection  rescue on (margin 32M), 1 cap(s), 0 rescue(s)" in out, out
+        # Forced past it: the fifth block is rolled back, named at once, and the rescue asks the
+        # guest to remove what it added (16 blocks' worth: all four) and stop retrying.
+        # It fails on the rollback, named as such, not on the 60 s stall or timeout.
+        rc, out, err = await ctl(daemon, "resize", "1G", "--force", "--wait", "--stall", "60", "--timeout", "60")
+        assert rc == 1, out + err
+        assert "rolled it back" in out and "0x120000000+128M" in out and "kernel memory" in out, out
+        assert "requested lowered from 1G to 0, below plugged 512M" in out and "(1 time(s))" in out, out
+        with trio.fail_after(10):
+            while guest.plugged or guest.kernel_memory != 8 * MiB:
+                await trio.sleep(0.05)
+        rc, out, _ = await ctl(daemon, "stats")
+        assert rc == 0 and int(out.split("hot-add")[1].split()[0]) == 1, out
+        rc, out, _ = await ctl(daemon, "status")
+        assert "onlining    movable" in out and "enforced: the guest onlines movable" in out, out
+        assert "hot-add     1 failed" in out and "the guest could not add it" in out
+        assert "1 cap(s), 1 rescue(s)" in out and "last rescue: " in out, out
         rc, out, _ = await ctl(daemon, "events")
-        assert "HOT_ADD_FAILED" in out
-        # 64 MiB of boot RAM: the default reserve (192M) leaves no room to add
-        rc, out, _ = await ctl(daemon, "resize", "256M")
-        assert rc == 0, out  # lowering is never refused
+        assert "HOT_ADD_FAILED" in out and "MEMMAP_RESCUE" in out and "MEMMAP_CEILING_APPLIED" in out
         rc, out, err = await ctl(daemon, "resize", "768M")
         assert rc == 1 and "above the memmap ceiling 0" in err and "resize 768M --force" in err, err
         rc, out, err = await ctl(daemon, "reserve", "32M")
         assert rc == 0 and "ceiling     2040M = 64 x (boot 65408K - reserve 32M)" in out, out + err
         rc, out, err = await ctl(daemon, "reserve", "lots")
         assert rc == 1 and "value" in err, err
-        rc, out, _ = await ctl(daemon, "resize", "768M", "--json")
-        assert rc == 0 and json.loads(out)["requested_size"] == 768 * MiB
+        rc, out, err = await ctl(daemon, "rescue", "off")
+        assert rc == 0 and "rescue off" in out, out + err
+        rc, out, err = await ctl(daemon, "rescue", "16M")
+        assert rc == 0 and "rescue on (margin 16M)" in out, out + err
+        for bad in ("lots", "0"):
+            rc, out, err = await ctl(daemon, "rescue", bad)
+            assert rc == 1 and "margin" in err, err
+        rc, out, _ = await ctl(daemon, "resize", "256M", "--json")
+        assert rc == 0 and json.loads(out)["requested_size"] == 256 * MiB
         rc, out, _ = await ctl(daemon, "reserve", "auto", "--json")
         assert rc == 0 and json.loads(out)["reserve_default"] is True
         rc, out, _ = await ctl(daemon, "resize", "1G", "--force")

@@ -12,14 +12,18 @@ import json
 from pathlib import Path
 
 import pytest
+import trio
 
 from vmemdev.errors import ConfigError
 from vmemdev.host.fake import FakeHost, FakeMemory
 from vmemdev.protocol.virtio_mem import MemRequest, MemResponse, RequestType, ResponseType
+from vmemdev.testing.guest import SimulatedLinuxGuest
 from vmemdev.virtio_mem.ceiling import boot_memory, default_reserve
 from vmemdev.virtio_mem.device import HostWork, VirtioMem
 from vmemdev.virtio_mem.model import Geometry
 from vmemdev.virtio_mem.rollback import RollbackDetector
+
+from .conftest import attach, start_daemon
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -32,11 +36,11 @@ TYPES = {t.name: t for t in RequestType}
 class Guest:
     """A VirtioMem over the fake host, a clock the test sets, and the events it publishes."""
 
-    def __init__(self, region=GiB, block=2 * MiB, boot=512 * MiB, **options):
+    def __init__(self, region=GiB, block=2 * MiB, boot=512 * MiB, requested=0, **options):
         self.now = 0.0
         self.host = FakeHost()
         self.events: list[tuple[str, dict]] = []
-        self.dev = VirtioMem(Geometry(A, region, block), 0, host=self.host, clock=lambda: self.now,
+        self.dev = VirtioMem(Geometry(A, region, block), requested, host=self.host, clock=lambda: self.now,
                              publish=lambda name, /, **data: self.events.append((name, data)), **options)
         self.dev.attach(FakeMemory([(0, boot), (A, region)]))
 
@@ -46,9 +50,13 @@ class Guest:
             step = self.dev.finish(step, step.run(self.host))
         return ResponseType(MemResponse.unpack(step).type).name
 
-    def replay(self, name: str) -> None:
-        """Each recorded request at its recorded time, with the requested size it saw."""
+    def replay(self, name: str, until_failure: bool = False) -> None:
+        """Each recorded request at its recorded time, with the requested size it saw
+        (``until_failure``: stop after the first rollback: the rest was recorded
+        without the rescue)."""
         for line in (DATA / f"{name}.jsonl").read_text().splitlines():
+            if until_failure and self.failures():
+                return
             r = json.loads(line)
             self.now = r["t"]
             if r["requested"] != self.dev.requested_size:
@@ -56,10 +64,10 @@ class Guest:
             assert self.request(r["type"], r["addr"], r["nb_blocks"]) == r["response"], r
             assert self.dev.plugged_size == r["plugged"], r
 
-    def add(self, k: int, memmap_in_region: bool) -> None:
+    def add(self, k: int, memmap_in_region: bool, grow: bool = True) -> None:
         """The driver plugs Linux memory block k whole; a kernel-zone guest's
         memmap for the block added before it appears in the region."""
-        if self.dev.requested_size < (k + 1) * MB:
+        if grow and self.dev.requested_size < (k + 1) * MB:
             self.dev.resize((k + 1) * MB, force=True)
         assert self.request("PLUG", A + k * MB, MB // self.dev.model.block_size) == "ACK"
         if memmap_in_region and k >= 1:
@@ -67,14 +75,17 @@ class Guest:
         self.now += 0.05
 
     def failures(self) -> list[dict]:
-        return [data for name, data in self.events if name == "HOT_ADD_FAILED"]
+        return self.named("HOT_ADD_FAILED")
+
+    def named(self, event: str) -> list[dict]:
+        return [data for name, data in self.events if name == event]
 
 
 # --- rollback detection on recorded sequences ------------------------------------
 
 
 def test_recorded_rollback_is_detected_with_its_retry():
-    g = Guest()
+    g = Guest(memmap_rescue=None)  # as recorded: nothing lowered requested
     g.replay("rollback")
     failed = g.failures()
     assert [(f["addr"], f["size"], f["count"]) for f in failed] == [(0x130000000, MB, 1), (0x130000000, MB, 2)]
@@ -129,7 +140,7 @@ def test_a_rollback_needs_the_same_range_soon_and_no_shrink():
 
 
 def test_partial_first_plug_and_unaligned_plugs():
-    g = Guest()
+    g = Guest(memmap_rescue=None)
     g.dev.resize(64 * MiB)
     assert g.request("PLUG", A, 32) == "ACK"  # the driver plugs what is needed of a fresh block
     g.now += 0.03
@@ -143,7 +154,7 @@ def test_partial_first_plug_and_unaligned_plugs():
 
 
 def test_count_restarts_when_the_requested_size_changes():
-    g = Guest()
+    g = Guest(memmap_rescue=None)
     g.dev.resize(256 * MiB)
     for _ in range(2):
         g.request("PLUG", A, 64)
@@ -262,3 +273,201 @@ def test_without_a_front_end_there_is_no_boot_memory_and_no_ceiling():
     g.dev.attach(None)
     assert g.dev.memmap_status()["ceiling"] is None
     g.dev.resize(64 * GiB)
+
+
+# --- the cap: a guest asked above its ceiling before its onlining was seen --------
+
+
+def test_a_movable_guest_asked_too_much_before_the_verdict_is_capped_at_the_ceiling():
+    g = Guest(region=64 * GiB)
+    g.dev.resize(32 * GiB)  # onlining still unknown: not refused
+    for k in range(3):
+        g.add(k, memmap_in_region=False, grow=False)
+    assert g.dev.requested_size == 32 * GiB and not g.dev.take_config_change()
+    g.add(3, memmap_in_region=False, grow=False)  # the third added block: "movable"
+    assert g.dev.requested_size == 16 * GiB  # 64 x (512M - 256M)
+    assert g.dev.take_config_change() and not g.dev.take_config_change()  # notify the driver once
+    [cap] = g.named("MEMMAP_CEILING_APPLIED")
+    assert (cap["requested_before"], cap["requested"], cap["ceiling"]) == (32 * GiB, 16 * GiB, 16 * GiB)
+    assert "vmemdev ctl resize 32G --force" in cap["reason"] and "boot memory 512M" in cap["reason"]
+    assert g.dev.memmap_status()["protection"]["caps"] == 1
+    for k in range(4, 8):  # the guest goes on adding, below the ceiling: nothing more happens
+        g.add(k, memmap_in_region=False, grow=False)
+    assert len(g.named("MEMMAP_CEILING_APPLIED")) == 1 and g.dev.requested_size == 16 * GiB
+
+
+def test_the_requested_size_given_at_start_is_capped_too():
+    g = Guest(region=64 * GiB, requested=40 * GiB)
+    for k in range(4):
+        g.add(k, memmap_in_region=False, grow=False)
+    assert g.dev.requested_size == 16 * GiB
+
+
+def test_the_cap_stops_the_guest_and_takes_nothing_back():
+    g = Guest(region=8 * GiB, requested=4 * GiB, memmap_reserve=510 * MiB)  # ceiling 128M
+    for k in range(4):
+        g.add(k, memmap_in_region=False, grow=False)
+    assert g.dev.requested_size == g.dev.plugged_size == 4 * MB
+
+
+def test_a_forced_size_is_not_capped_until_the_operator_asks_again_unforced():
+    g = Guest(region=64 * GiB)
+    g.dev.resize(32 * GiB, force=True)
+    for k in range(4):
+        g.add(k, memmap_in_region=False, grow=False)
+    assert g.dev.requested_size == 32 * GiB and g.named("MEMMAP_CEILING_APPLIED") == []
+    assert g.dev.memmap_status()["forced"] is True
+    g.dev.resize(24 * GiB)  # lowering keeps the operator's decision
+    g.add(4, memmap_in_region=False, grow=False)
+    assert g.dev.requested_size == 24 * GiB
+    g.dev.resize(8 * GiB)
+    g.dev.resize(12 * GiB)  # raised without --force: the ceiling counts again
+    assert g.dev.memmap_status()["forced"] is False
+    with pytest.raises(ConfigError):
+        g.dev.resize(17 * GiB)
+
+
+@pytest.mark.parametrize("in_region", [True, False])
+def test_no_cap_for_kernel_zone_onlining_or_without_a_verdict(in_region):
+    g = Guest(region=64 * GiB, requested=32 * GiB, prealloc=not in_region)  # prealloc: stays unknown
+    for k in range(6):
+        g.add(k, memmap_in_region=in_region, grow=False)
+    assert g.dev.requested_size == 32 * GiB and g.named("MEMMAP_CEILING_APPLIED") == []
+
+
+# --- the rescue: after a rollback, give the guest kernel memory back --------------
+
+
+def test_rescue_on_the_recorded_rollback():
+    """256M guest filled by a tmpfs: six blocks added, the seventh rolled back."""
+    g = Guest()
+    g.replay("rollback", until_failure=True)
+    assert g.dev.plugged_size == 6 * MB and g.dev.placement.onlining == "movable"
+    [rescue] = g.named("MEMMAP_RESCUE")
+    # 32M of margin is 16 blocks; it had 6: all of them go, 12M of memmap comes back
+    assert g.dev.requested_size == 0 and g.dev.take_config_change()
+    assert (rescue["memory_blocks_to_remove"], rescue["memmap_regained"]) == (6, 12 * MiB)
+    assert "ctl rescue off" in rescue["reason"]
+    # the driver unplugs from the top, one memory block at a time: no rollback in that
+    for k in reversed(range(6)):
+        g.now += 0.05
+        assert g.request("UNPLUG", A + k * MB, 64) == "ACK"
+    assert len(g.failures()) == 1 and g.dev.plugged_size == 0
+    assert g.dev.memmap_status()["protection"]["rescues"] == 1
+
+
+def test_rescue_of_a_guest_forced_past_its_ceiling_removes_the_margin_from_the_top():
+    """The 512M guest of memmap.md forced to 32G: 180 blocks added, the 181st fails."""
+    g = Guest(region=32 * GiB)
+    g.dev.resize(32 * GiB, force=True)
+    for k in range(180):
+        g.add(k, memmap_in_region=False, grow=False)
+    assert g.request("PLUG", A + 180 * MB, 64) == "ACK"
+    g.now += 0.04
+    assert g.request("UNPLUG", A + 180 * MB, 64) == "ACK"
+    assert g.dev.requested_size == 180 * MB - 16 * MB  # 22.5G - 2G: 32M of memmap back
+    [rescue] = g.named("MEMMAP_RESCUE")
+    assert rescue["plugged"] == 180 * MB and rescue["memory_blocks_to_remove"] == 16
+    assert g.dev.take_config_change()
+    # requested < plugged now: the driver stops plugging (its retry timer is cancelled
+    # when the config change arrives) and unplugs
+    assert g.request("PLUG", A + 180 * MB, 64) == "NACK"
+
+
+def test_rescue_margin_rounds_to_whole_memory_blocks_and_can_be_turned_off():
+    g = Guest(region=32 * GiB, memmap_rescue=5 * MiB)  # 3 blocks
+    g.dev.resize(8 * GiB, force=True)
+    for k in range(10):
+        g.add(k, memmap_in_region=False, grow=False)
+    g.request("PLUG", A + 10 * MB, 64)
+    g.request("UNPLUG", A + 10 * MB, 64)
+    assert g.dev.requested_size == 7 * MB
+    for k in (9, 8, 7):  # the guest removes them
+        assert g.request("UNPLUG", A + k * MB, 64) == "ACK"
+    g.dev.set_memmap_rescue(None)
+    g.dev.resize(8 * GiB, force=True)
+    for k in (7, 8, 9):  # it adds them again, then fails at the same place
+        g.add(k, memmap_in_region=False, grow=False)
+    g.request("PLUG", A + 10 * MB, 64)
+    g.request("UNPLUG", A + 10 * MB, 64)
+    assert g.dev.requested_size == 8 * GiB and len(g.failures()) == 2
+    assert g.dev.memmap_status()["protection"]["rescue"] is False
+    for bad in (0, -1, "32M", 1.5, True):
+        with pytest.raises(ConfigError):
+            g.dev.set_memmap_rescue(bad)
+
+
+@pytest.mark.parametrize("onlining", ["kernel", "unknown"])
+def test_no_rescue_for_a_guest_that_keeps_the_memmap_in_the_region_or_is_not_seen_yet(onlining):
+    g = Guest(region=4 * GiB, prealloc=onlining == "unknown")
+    g.dev.resize(4 * GiB, force=True)
+    for k in range(6):
+        g.add(k, memmap_in_region=True, grow=False)
+    assert g.dev.placement.onlining == onlining
+    g.request("PLUG", A + 6 * MB, 64)
+    g.request("UNPLUG", A + 6 * MB, 64)
+    assert len(g.failures()) == 1 and g.named("MEMMAP_RESCUE") == []
+    assert g.dev.requested_size == 4 * GiB
+
+
+# --- the same through the daemon, with the simulated Linux guest -----------------
+
+
+async def run_guest(guest, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """The simulated guest, in a cancel scope handed to the test."""
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as inner:
+            await inner.start(guest.run)
+            task_status.started(scope)
+
+
+async def wait_until(predicate, timeout: float = 20.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+async def test_daemon_caps_a_new_movable_guest_and_notifies_its_driver(nursery, tmp_path):
+    """512M of boot memory, asked for 32G before anything was plugged: it stops
+    at its ceiling (16G) instead of adding until its kernel memory is gone."""
+    service, path = await start_daemon(nursery, tmp_path, size=32 * GiB)
+    fe = await attach(nursery, service, path, ram_size=512 * MiB)
+    guest = SimulatedLinuxGuest(fe, touch=False, kernel_memory=360 * MiB)  # memmap.md: F = 360 MiB
+    guest_scope = await nursery.start(run_guest, guest)
+    service.resize(32 * GiB)  # onlining unknown yet: accepted
+    # the front-end's boot memory is 512M less the 128K hole below 1M: ceiling 16380M
+    ceiling = 64 * (512 * MiB - 128 * 1024) // 2
+    await wait_until(lambda: service.device.requested_size == ceiling
+                     and len(guest.plugged) * 2 * MiB == ceiling, 60)
+    sent = [e.data for e in service.events.history if e.name == "CONFIG_CHANGE_SENT"]
+    assert sent[-1]["requested"] == ceiling and sent[-1]["delivered"] is True
+    await wait_until(lambda: fe.config_changes >= 2)  # the operator's resize, then the cap
+    assert [e.name for e in service.events.history].count("MEMMAP_CEILING_APPLIED") == 1
+    assert guest.add_failures == 0 and guest.kernel_memory == 360 * MiB - 128 * 2 * MiB
+    guest_scope.cancel()
+    await trio.sleep(0.05)
+    await fe.close()
+    fe.release()
+
+
+async def test_daemon_rescues_a_guest_pushed_past_its_kernel_memory(nursery, tmp_path):
+    """Forced past the ceiling with 40M of kernel memory: 20 blocks added, the
+    21st rolled back; the rescue makes it remove 16 and stop retrying."""
+    service, path = await start_daemon(nursery, tmp_path, size=8 * GiB)
+    fe = await attach(nursery, service, path, ram_size=512 * MiB)
+    guest = SimulatedLinuxGuest(fe, touch=False, kernel_memory=40 * MiB)
+    guest_scope = await nursery.start(run_guest, guest)
+    service.resize(8 * GiB, force=True)
+    await wait_until(lambda: guest.add_failures >= 1)
+    await wait_until(lambda: service.device.plugged_size == 4 * MB)
+    assert service.device.requested_size == 4 * MB
+    assert guest.kernel_memory == 32 * MiB  # 16 blocks' memmap given back
+    [rescue] = [e.data for e in service.events.history if e.name == "MEMMAP_RESCUE"]
+    assert rescue["requested_before"] == 8 * GiB and rescue["plugged"] == 20 * MB
+    await trio.sleep(1.5)  # the simulated driver retries every 0.5 s; it has nothing to retry
+    assert guest.add_failures == 1 and service.device.stats.hot_add_failures == 1
+    assert fe.config_changes >= 2
+    guest_scope.cancel()
+    await trio.sleep(0.05)
+    await fe.close()
+    fe.release()

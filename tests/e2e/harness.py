@@ -43,6 +43,7 @@ import smoke  # noqa: E402  (tests/e2e/guest/smoke.py)
 
 from vmemdev.client import Client  # noqa: E402
 from vmemdev.errors import VmemdevError  # noqa: E402
+from vmemdev.sizes import parse_size  # noqa: E402
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -168,13 +169,14 @@ class E2EFailure(AssertionError):
 class Daemon:
     """``vmemdev serve`` started the README's way, with its control socket."""
 
-    def __init__(self, workdir: Path, *, requested: str = "0", extra: tuple[str, ...] = ()):
+    def __init__(self, workdir: Path, *, requested: str = "0", extra: tuple[str, ...] = (),
+                 region: str = "1G"):
         self.workdir = workdir
         self.sock = workdir / "vm0.sock"
         self.ctl_path = workdir / "vm0.ctl"  # the default: the socket's name with .ctl
         self.log_path = workdir / "vmemdev.log"
         self.argv = [vmemdev_bin(), "serve", "--socket-path", str(self.sock),
-                     "--region-addr", f"{REGION_ADDR:#x}", "--region-size", "1G",
+                     "--region-addr", f"{REGION_ADDR:#x}", "--region-size", region,
                      "--block-size", "2M", "--requested-size", requested, *extra]
         (workdir / "vmemdev.cmdline").write_text(shlex.join(self.argv) + "\n")
         with open(self.log_path, "ab") as log:
@@ -264,15 +266,16 @@ class Daemon:
 class VmemdevDevice:
     kind = "vmemdev"
 
-    def __init__(self, lab: Lab, requested: int, daemon_args: tuple[str, ...]):
+    def __init__(self, lab: Lab, requested: int, daemon_args: tuple[str, ...], region: str = "1G"):
         self.lab = lab
+        self.region = region
         self.mem_path = lab.shm_file("hp0.mem")
-        self.daemon = Daemon(lab.workdir, requested=str(requested), extra=daemon_args)
+        self.daemon = Daemon(lab.workdir, requested=str(requested), extra=daemon_args, region=region)
 
     def qemu_args(self) -> list[str]:
         # The README's / the doc's lines for the device.
         return [
-            "-object", f"memory-backend-file,id=hp0,size=1G,share=on,mem-path={self.mem_path}",
+            "-object", f"memory-backend-file,id=hp0,size={self.region},share=on,mem-path={self.mem_path}",
             "-device", f"pc-dimm,id=dimm0,memdev=hp0,addr={REGION_ADDR:#x}",
             "-chardev", f"socket,id=c0,path={self.daemon.sock}",
             "-device", "vhost-user-test-device-pci,chardev=c0,virtio-id=24,num_vqs=1,"
@@ -369,6 +372,7 @@ class Lab:
         self.guest: smoke.Guest | None = None
         self.base_kb: int | None = None
         self.kind = "?"
+        self.maxmem = "8G"
         self.boots = 0
         self._in_context = False
 
@@ -408,7 +412,7 @@ class Lab:
         return [
             *info["accel_args"], "-smp", "2", "-display", "none",
             *([] if reboot else ["-no-reboot"]),
-            "-m", f"{ram},maxmem=8G,slots=2",
+            "-m", f"{ram},maxmem={self.maxmem},slots=2",
             "-kernel", info["kernel"], "-initrd", info["initrd"],
             "-append", info["kernel_cmdline"],
             "-object", f"memory-backend-memfd,id=ram,size={ram},share=on",
@@ -418,13 +422,16 @@ class Lab:
 
     def start(self, kind: str = "vmemdev", *, ram: str = "512M", requested: int = 0,
               reboot: bool = False, daemon_args: tuple[str, ...] = (), scenario: str | None = None,
-              qemu_cgroup: str | None = None):
+              qemu_cgroup: str | None = None, region: str = "1G"):
         """Start the device and boot the guest; wait for the driver to probe.
-        With qemu_cgroup (a cgroup v1 directory) QEMU starts inside it."""
+        With qemu_cgroup (a cgroup v1 directory) QEMU starts inside it.
+        ``region``: the device region (vmemdev only; a sparse shm file)."""
         self.kind = kind
         self.qemu_cgroup = qemu_cgroup
+        region_gib = -(-parse_size(region) // GiB)
+        self.maxmem = f"{max(8, region_gib + 2)}G"
         if kind == "vmemdev":
-            self.device = VmemdevDevice(self, requested, daemon_args)
+            self.device = VmemdevDevice(self, requested, daemon_args, region)
         elif kind == "qemu":
             self.device = BuiltinDevice(self, requested)
         else:

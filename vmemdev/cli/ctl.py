@@ -86,6 +86,13 @@ def human_memmap(m: dict, failures: dict) -> list[str]:
                      f"- reserve {reserve}), "
                      + ("enforced: the guest onlines movable" if m["applies"]
                         else "not enforced: only for a guest seen onlining movable"))
+    p = m.get("protection")
+    if p is not None:
+        lines.append("protection  " + ("forced past the ceiling by the operator; " if m.get("forced") else "")
+                     + (f"rescue on (margin {format_size(p['rescue_margin'])})" if p["rescue"] else "rescue off")
+                     + f", {p['caps']} cap(s), {p['rescues']} rescue(s)")
+        if p["last"]:
+            lines.append(f"            last {p['last']['action']}: {p['last']['reason']}")
     last = failures["last"]
     if last:
         lines.append(f"hot-add     {failures['total']} failed ({failures['count']} since the last resize), "
@@ -164,9 +171,11 @@ def progress_bar(plugged: int, requested: int, start: int, width: int = 30) -> s
     return f"[{'#' * filled}{'.' * (width - filled)}] {format_size(plugged)} -> {format_size(requested)}"
 
 
-def wait_for_requested(client: Client, timeout: float, stall: float, out, failures_before: int = 0) -> int:
+def wait_for_requested(client: Client, timeout: float, stall: float, out, failures_before: int = 0,
+                       asked: int | None = None) -> int:
     """Follow plugged toward requested; 0 when reached, 1 with the reason otherwise
-    (at once when the guest fails to add memory after ``failures_before``)."""
+    (at once when the guest fails to add memory after ``failures_before``, or
+    when the daemon's memmap protection lowered the size ``asked``)."""
     deadline = time.monotonic() + timeout
     status = client.execute("query-status")
     start = status["plugged_size"]
@@ -179,7 +188,10 @@ def wait_for_requested(client: Client, timeout: float, stall: float, out, failur
         if tty:
             out.write("\r" + progress_bar(plugged, requested, start))
             out.flush()
-        if plugged == requested:
+        protection = status["memmap"].get("protection") or {}
+        lowered = (asked is not None and requested < asked
+                   and (protection.get("last") or {}).get("requested") == requested)
+        if plugged == requested and not lowered:
             out.write(("\n" if tty else "") + f"reached {format_size(requested)}\n")
             return 0
         now = time.monotonic()
@@ -190,7 +202,11 @@ def wait_for_requested(client: Client, timeout: float, stall: float, out, failur
         if failures["total"] > failures_before and failures["last"]:
             last = failures["last"]
             reason = (f"the guest plugged {last['addr']:#x}+{format_size(last['size'])} and rolled it back "
-                      f"after {last['seconds'] * 1000:.0f} ms ({failures['count']} time(s)): {last['cause']}")
+                      f"after {last['seconds'] * 1000:.0f} ms ({last['count']} time(s)): {last['cause']}")
+            if (protection.get("last") or {}).get("action") == "rescue":
+                reason += "; " + protection["last"]["reason"]
+        elif lowered and plugged == requested:
+            reason = protection["last"]["reason"]
         elif status["frontend"] != "attached":
             reason = "no front-end is attached"
         elif now - last_change > stall:
@@ -260,13 +276,17 @@ def _run(client: Client, args) -> int:
     if cmd == "reserve":
         value = client.execute("set-memmap-reserve", value=args.value)
         return _emit(args, value, lambda m: "\n".join(human_memmap(m, {"last": None})))
+    if cmd == "rescue":
+        value = client.execute("set-memmap-rescue", margin=args.margin)
+        return _emit(args, value, lambda m: "\n".join(human_memmap(m, {"last": None})))
     if cmd == "resize":
         extra = {"force": True} if args.force else {}
         result = client.execute("resize", size=args.size, **extra)
         if not args.wait:
             return _emit(args, result, lambda r: f"requested {format_size(r['requested_size'])}"
                          + ("" if r["changed"] else " (unchanged)"))
-        return wait_for_requested(client, args.timeout, args.stall, sys.stdout, result["hot_add_failures"])
+        return wait_for_requested(client, args.timeout, args.stall, sys.stdout, result["hot_add_failures"],
+                                  result["requested_size"])
     if cmd == "events":
         for event in client.execute("query-events"):
             print(json.dumps(event) if args.json else human_event(event), flush=True)

@@ -23,6 +23,7 @@ from ..virtio_mem.device import VirtioMem
 from ..virtio_mem.headroom import DEFAULT_BAND, HeadroomRule
 from ..virtio_mem.limits import LIMIT_NAMES, MEMORY_HIGH, MEMORY_MAX, Limits
 from ..virtio_mem.model import Geometry, check_block_multiple
+from ..virtio_mem.protection import DEFAULT_RESCUE_MARGIN
 
 DEFAULT_REGION_ADDR = 0x1_0000_0000
 DEFAULT_REGION_SIZE = "1G"
@@ -37,6 +38,15 @@ def _size_arg(what: str):
             raise argparse.ArgumentTypeError(str(exc)) from exc
 
     return parse
+
+
+def _rescue_arg(text: str) -> int | None:
+    if text == "off":
+        return None
+    size = _size_arg("memmap rescue margin")(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError("memmap rescue margin must be positive (or 'off')")
+    return size
 
 
 def _limit_arg(what: str):
@@ -162,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the attached front-end's connection resumable by a successor "
                             "(under `vmemdev hold` or systemd's fd store): its state is kept in PATH "
                             "(a tmpfs, e.g. /run/vmemdev/vm0.state)")
+    serve.add_argument("--memmap-rescue", type=_rescue_arg, default=DEFAULT_RESCUE_MARGIN, metavar="SIZE|off",
+                       help="when a guest that onlines movable fails to add memory, lower its requested "
+                            "size so that it removes memory blocks worth SIZE of memmap (2M per 128M) "
+                            f"and stops retrying (default {format_size(DEFAULT_RESCUE_MARGIN)}); 'off' "
+                            "only reports the failure")
     serve.add_argument("--prealloc", action="store_true",
                        help="allocate plugged blocks on the host before acknowledging a plug")
     _device_options(serve)
@@ -186,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmds.add_parser("limits", help="limits and the cgroup's usage")
     reserve = cmds.add_parser("reserve", help="set the memmap reserve: SIZE or 'auto' (the default)")
     reserve.add_argument("value")
+    rescue = cmds.add_parser("rescue", help="set the memmap rescue margin: SIZE or 'off'")
+    rescue.add_argument("margin")
     cmds.add_parser("stats", help="request counters, latency, bytes discarded/preallocated")
     cmds.add_parser("accounting", help="plugged vs host-allocated, memmap estimate")
     events = cmds.add_parser("events", help="recent events; --follow for new ones")
@@ -291,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                                 headroom=HeadroomRule(getattr(args, "cgroup_band", DEFAULT_BAND)),
                                 prealloc=getattr(args, "prealloc", False),
                                 memmap_reserve=getattr(args, "memmap_reserve", None),
+                                memmap_rescue=getattr(args, "memmap_rescue", DEFAULT_RESCUE_MARGIN),
                                 state_file=getattr(args, "state_file", None))
     except ConfigError as exc:
         parser.error(str(exc))

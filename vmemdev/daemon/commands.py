@@ -42,6 +42,10 @@ def execute(runtime: DeviceRuntime, command: Command) -> Any:
             with runtime.lock:
                 runtime.device.set_memmap_reserve(args["value"])
                 return runtime.device.memmap_status()
+        if name == "set-memmap-rescue":
+            with runtime.lock:
+                runtime.device.set_memmap_rescue(args["margin"])
+                return runtime.device.memmap_status()
         if name == "set-limit":
             runtime.set_limit(args["name"], args["value"])
             with runtime.lock:

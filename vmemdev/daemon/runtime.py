@@ -30,6 +30,7 @@ from ..virtio_mem.device import VirtioMem
 from ..virtio_mem.headroom import HeadroomRule
 from ..virtio_mem.limits import Limits
 from ..virtio_mem.model import Geometry
+from ..virtio_mem.protection import DEFAULT_RESCUE_MARGIN
 from .connection import FrontendConnection
 from .events import EventBus
 from .keeper import ConnectionKeeper, Persistence, SavedAnswer, SavedState
@@ -41,13 +42,13 @@ class DeviceRuntime:
     def __init__(self, geometry: Geometry, requested_size: int = 0, *, limits: Limits | None = None,
                  cgroup: CgroupProbe | None = None, headroom: HeadroomRule | None = None,
                  prealloc: bool = False, memmap_reserve: int | None = None,
-                 state_file: str | None = None):
+                 memmap_rescue: int | None = DEFAULT_RESCUE_MARGIN, state_file: str | None = None):
         self.events = EventBus()
         self.lock = threading.Lock()
         self.host = SystemHost()
         self.device = VirtioMem(geometry, requested_size, host=self.host, limits=limits, cgroup=cgroup,
                                 headroom=headroom, prealloc=prealloc, publish=self.events.publish,
-                                memmap_reserve=memmap_reserve)
+                                memmap_reserve=memmap_reserve, memmap_rescue=memmap_rescue)
         self.frontend: FrontendConnection | None = None
         self.sessions_ended = 0  # front-end connections served to the end
         self.state_file = state_file  # keep the attached connection resumable (keeper.py)
@@ -118,14 +119,16 @@ class DeviceRuntime:
         """The response to one ring request; called on the connection's thread
         with the device lock held, which is let go while host work runs."""
         step = self.device.begin(request.data, request.writable)
-        if isinstance(step, bytes):
-            return step
-        self.lock.release()
-        try:
-            error = step.run(self.host)
-        finally:
-            self.lock.acquire()
-        return self.device.finish(step, error)
+        if not isinstance(step, bytes):
+            self.lock.release()
+            try:
+                error = step.run(self.host)
+            finally:
+                self.lock.acquire()
+            step = self.device.finish(step, error)
+        if self.device.take_config_change():  # the memmap cap or rescue lowered requested
+            self._notify_locked()
+        return step
 
     # --- operator API (control socket) ----------------------------------------------
 
@@ -155,6 +158,16 @@ class DeviceRuntime:
             d = self.device.model
             sizes = dict(requested=d.requested_size, usable=d.usable_region_size, plugged=d.plugged_size)
         self.events.publish("CONFIG_CHANGE_SENT", **sizes, delivered=frontend is not None)
+
+    def _notify_locked(self) -> None:
+        """The same, from the connection's thread with the device lock held: the
+        notification goes out from its poll loop once the request is answered."""
+        frontend = self.frontend
+        if frontend is not None:
+            frontend.notify_config_change()
+        d = self.device.model
+        self.events.publish("CONFIG_CHANGE_SENT", requested=d.requested_size, usable=d.usable_region_size,
+                            plugged=d.plugged_size, delivered=frontend is not None)
 
     def status(self) -> dict[str, Any]:
         with self.lock:

@@ -33,7 +33,7 @@ PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024  # a request line longer than this closes the connection
 
 # command -> {argument: (kind, required)}; kinds: "size", "size-or-max", "size-or-auto",
-# "limit-name", "bool"
+# "size-or-off", "limit-name", "bool"
 COMMANDS: dict[str, dict[str, tuple[str, bool]]] = {
     "query-version": {},
     "query-commands": {},
@@ -44,6 +44,7 @@ COMMANDS: dict[str, dict[str, tuple[str, bool]]] = {
     "query-events": {},
     "resize": {"size": ("size", True), "force": ("bool", False)},
     "set-memmap-reserve": {"value": ("size-or-auto", True)},
+    "set-memmap-rescue": {"margin": ("size-or-off", True)},
     "set-limit": {"name": ("limit-name", True), "value": ("size-or-max", True)},
 }
 LIMIT_NAMES = ("memory.max", "memory.high")
@@ -82,6 +83,10 @@ def _convert(name: str, kind: str, value: Any) -> Any:
             return _convert(name, "size", value)
         if kind == "size-or-auto":
             if value in (None, "auto"):
+                return None
+            return _convert(name, "size", value)
+        if kind == "size-or-off":
+            if value == "off":
                 return None
             return _convert(name, "size", value)
         if kind == "bool":

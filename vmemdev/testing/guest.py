@@ -13,7 +13,8 @@ goes, as Linux 7.2 measured: "kernel" writes it into memory plugged before
 (the host sees it at once), "movable" takes it from boot memory. With
 ``kernel_memory`` (bytes of free boot memory), a block whose memmap does not
 fit is rolled back like Linux does ("adding memory failed: -12": the plug is
-undone by an UNPLUG of the same range) and tried again later.
+undone by an UNPLUG of the same range) and tried again later; removing a
+memory block whose memmap came from boot memory gives those 2 MiB back.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class SimulatedLinuxGuest:
         self.add_failures = 0
         self.busy_backoff = busy_backoff
         self.plugged: set[int] = set()  # block indexes
+        self.memmap_from_boot: set[int] = set()  # memory blocks (index // chunk) whose memmap took kernel memory
         self.config = vm.Config(0, 0, 0, 0, 0, 0, 0)  # read at probe
         self.busy_count = 0
 
@@ -59,6 +61,9 @@ class SimulatedLinuxGuest:
             if resp != ResponseType.ACK:
                 raise DeviceBroken(f"UNPLUG_ALL answered {ResponseType(resp).name}")
         self.plugged.clear()
+        if self.kernel_memory is not None:  # everything is removed: every memmap freed
+            self.kernel_memory += MEMMAP_PER_MEMORY_BLOCK * len(self.memmap_from_boot)
+        self.memmap_from_boot.clear()
         self.config = await self.fe.get_config()
 
     def _chunk(self) -> int:
@@ -142,6 +147,8 @@ class SimulatedLinuxGuest:
                     self._not_acked("UNPLUG", resp)
                 return False
             self.kernel_memory -= MEMMAP_PER_MEMORY_BLOCK
+        if not in_region:
+            self.memmap_from_boot.add(index // chunk)
         if in_region and not self.touch:  # the memmap lands in memory onlined before
             gpa = self._block_gpa(earlier[-1] - earlier[-1] % chunk)
             self.fe.ram.write(gpa, b"\xa5" * min(MEMMAP_PER_MEMORY_BLOCK, self.config.block_size * chunk))
@@ -158,8 +165,19 @@ class SimulatedLinuxGuest:
         resp = await self.fe.unplug(self._block_gpa(start), n)
         if resp == ResponseType.ACK:
             self.plugged.difference_update(range(start, start + n))
+            self._removed(start // chunk)
             return True
         return self._not_acked("UNPLUG", resp)
+
+    def _removed(self, memory_block: int) -> None:
+        """A memory block with nothing plugged left is removed: its memmap is freed."""
+        chunk = self._chunk()
+        if any(i // chunk == memory_block for i in self.plugged):
+            return
+        if memory_block in self.memmap_from_boot:
+            self.memmap_from_boot.discard(memory_block)
+            if self.kernel_memory is not None:
+                self.kernel_memory += MEMMAP_PER_MEMORY_BLOCK
 
     def _not_acked(self, what: str, resp: int) -> bool:
         if resp == ResponseType.ERROR:

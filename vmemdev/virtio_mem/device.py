@@ -33,6 +33,7 @@ from .headroom import Assessment, HeadroomRule, Unallocated
 from .limits import MEMORY_HIGH, MEMORY_MAX, Limits
 from .memmap import PlacementObserver, memory_blocks_used, opens_memory_blocks
 from .model import BUSY, NACK, Answer, Geometry, Plug, Unplug, UnplugAll, VirtioMemModel
+from .protection import DEFAULT_RESCUE_MARGIN, Protection, cap_target, rescue_applies, rescue_target
 from .rollback import RollbackDetector
 from .stats import Stats
 
@@ -149,6 +150,7 @@ class VirtioMem:
         prealloc: bool = False,
         publish: Publish = _no_events,
         memmap_reserve: int | None = None,
+        memmap_rescue: int | None = DEFAULT_RESCUE_MARGIN,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.model = VirtioMemModel(geometry, 0)
@@ -162,6 +164,10 @@ class VirtioMem:
         self.placement = PlacementObserver()
         self.ceiling = MemmapCeiling()
         self.rollbacks = RollbackDetector()
+        self.protection = Protection()
+        self.protection.set_rescue_margin(memmap_rescue)
+        self.forced = False  # the operator forced the requested size past the ceiling
+        self._config_changed = False  # requested changed on the request path: notify the driver
         self.clock = clock
         self.memory: Memory | None = None
         self._warned_generation: int | None = None
@@ -224,6 +230,8 @@ class VirtioMem:
                                            self.placement.onlining, self.model.block_size)
             if problem:
                 raise ConfigError(problem)
+        if force or requested_size > self.model.requested_size:
+            self.forced = force  # lowering keeps what the operator decided about the ceiling
         changed = self.model.set_requested_size(requested_size)
         if changed:
             self.rollbacks.requested_changed()
@@ -273,6 +281,17 @@ class VirtioMem:
         if reserve is not None:
             log.info("memmap reserve set to %s", format_size(reserve))
 
+    def set_memmap_rescue(self, margin: int | None) -> None:
+        """Kernel memory the rescue gives back to a failing guest (None: rescue off)."""
+        self.protection.set_rescue_margin(margin)
+        log.info("memmap rescue %s", "off" if margin is None else f"margin set to {format_size(margin)}")
+
+    def take_config_change(self) -> bool:
+        """True once after a request made the device change its config itself
+        (the cap or the rescue): the caller notifies the driver."""
+        changed, self._config_changed = self._config_changed, False
+        return changed
+
     # --- accounting ------------------------------------------------------------------
 
     def region_pieces(self) -> list[Backing] | None:
@@ -299,6 +318,8 @@ class VirtioMem:
     def memmap_status(self) -> dict[str, Any]:
         report = memmap_report(self.model, self.placement)
         report.update(self.ceiling.report(self.boot_memory(), self.placement.onlining, self.model.block_size))
+        report["forced"] = self.forced
+        report["protection"] = self.protection.to_json()
         return report
 
     def status(self) -> dict[str, Any]:
@@ -511,6 +532,7 @@ class VirtioMem:
                 allocated = self._region_allocated()
                 if allocated is not None:
                     self.placement.sample(memory_blocks_used(self.model), allocated)
+                self._cap()
             return
         if isinstance(decision, UnplugAll):
             self.placement.reset()
@@ -529,6 +551,44 @@ class VirtioMem:
                     format_size(m.plugged_size), rollback.to_json()["cause"])
         self.publish("HOT_ADD_FAILED", **rollback.to_json(), onlining=self.placement.onlining,
                      requested=m.requested_size, plugged=m.plugged_size)
+        self._rescue()
+
+    def _lower_requested(self, target: int) -> None:
+        """Set requested from the request path; the driver is notified after the request."""
+        if self.model.set_requested_size(target):
+            self.rollbacks.requested_changed()
+            self._config_changed = True
+
+    def _cap(self) -> None:
+        """A guest seen onlining movable, asked above its ceiling unforced: stop it there."""
+        m = self.model
+        boot = self.boot_memory()
+        if boot is None:
+            return
+        ceiling = self.ceiling.ceiling(boot, m.block_size)
+        target = cap_target(m.requested_size, m.plugged_size, ceiling, self.placement.onlining, self.forced)
+        if target is None:
+            return
+        before = m.requested_size
+        self._lower_requested(target)
+        done = self.protection.capped(before, target, ceiling, boot, self.ceiling.reserve_for(boot))
+        log.warning("memmap ceiling: %s", done["reason"])
+        self.publish("MEMMAP_CEILING_APPLIED", **done)
+
+    def _rescue(self) -> None:
+        """After a rollback: ask the guest to remove enough movable blocks to live on."""
+        m = self.model
+        margin = self.protection.rescue_margin
+        if margin is None or not rescue_applies(self.placement.onlining):
+            return
+        target = rescue_target(m.plugged_size, margin, self.geometry)
+        if target >= m.requested_size:
+            return
+        before = m.requested_size
+        self._lower_requested(target)
+        done = self.protection.rescued(before, target, m.plugged_size, margin)
+        log.warning("memmap rescue: %s", done["reason"])
+        self.publish("MEMMAP_RESCUE", **done)
 
     def _region_allocated(self) -> int | None:
         """The host allocation of the device region, or None when it cannot be read."""
