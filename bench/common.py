@@ -203,7 +203,8 @@ class Daemon:
         cmd = [*self.command, "serve", "--socket-path", self.socket_path,
                "--control-socket", self.control_path, "--region-addr", hex(self.region_addr),
                "--region-size", str(self.region_size), "--block-size", str(self.block_size),
-               "--requested-size", str(self.requested_size), "--log-level", "warning", *self.extra]
+               "--requested-size", str(self.requested_size), "--log-level", "warning", *self.extra,
+               *serve_args(self._dir.name)]
         t0 = time.perf_counter()
         self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
         self.pid = self.process.pid
@@ -247,6 +248,12 @@ class Daemon:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def serve_args(directory: str) -> list[str]:
+    """$VMEMDEV_BENCH_SERVE_ARGS, added to every daemon's `serve` ("{dir}": its
+    temporary directory), e.g. "--state-file {dir}/vm0.state" to measure durability."""
+    return [a.replace("{dir}", directory) for a in shlex.split(os.environ.get("VMEMDEV_BENCH_SERVE_ARGS", ""))]
 
 
 def daemon_command() -> tuple[str, ...]:

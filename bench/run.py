@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 
 from . import report, suites
-from .common import Helper, daemon_command, host_meta, uptime_line
+from .common import Helper, daemon_command, host_meta, serve_args, uptime_line
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     meta = {"quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "command": " ".join([".venv/bin/python -m bench"] + [shlex.quote(a) for a in (argv or sys.argv[1:])]),
-            "host": host_meta(), "uptime_before": uptime_line(), "daemon": " ".join(daemon_command())}
+            "host": host_meta(), "uptime_before": uptime_line(),
+            "daemon": " ".join([*daemon_command(), "serve", *serve_args("DIR")])}
     helper = Helper()
     run = suites.Run(quick=args.quick, helper=helper)
     benchmarks: dict = {}

@@ -1,0 +1,103 @@
+"""Kill-to-service time: how long a front-end waits when `vmemdev serve` dies.
+
+    .venv/bin/python -m bench.restart [--runs 10] [--out bench/results/restart.txt]
+
+`vmemdev hold -- vmemdev serve --state-file ...` with a front-end attached
+(in this process, as QEMU would be); each run plugs a block, kills the
+serving process with SIGKILL and times from the kill to the answer of the
+next request (a STATE), which the restarted process serves on the same
+connection. The holder's restart delay (0.1 s, doubling while the worker
+dies young) is part of the figure; the runs are spaced so that it resets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from vmemdev.protocol.virtio_mem import ResponseType
+from vmemdev.testing.frontend import Frontend
+
+A = 1 << 32
+VMEMDEV = [sys.executable, "-m", "vmemdev"]
+
+
+def _worker(holder: int) -> int | None:
+    children = []
+    for task in os.listdir(f"/proc/{holder}/task"):
+        with open(f"/proc/{holder}/task/{task}/children") as f:
+            children += [int(c) for c in f.read().split()]
+    return children[0] if len(children) == 1 else None
+
+
+async def _wait_for(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        await trio.sleep(0.01)
+    return value
+
+
+async def measure(runs: int, spacing: float) -> list[float]:
+    with tempfile.TemporaryDirectory(prefix="vmemdev-restart-") as tmp:
+        sock = os.path.join(tmp, "vm0.sock")
+        holder = subprocess.Popen(VMEMDEV + ["hold", "--", *VMEMDEV, "serve", "--socket-path", sock,
+                                             "--state-file", os.path.join(tmp, "vm0.state"),
+                                             "--requested-size", "1G", "--log-level", "warning"],
+                                  stderr=subprocess.DEVNULL)
+        try:
+            await _wait_for(lambda: os.path.exists(os.path.join(tmp, "vm0.ctl")))
+            fe = Frontend(sock)
+            await fe.realize()
+            await fe.start()
+            times = []
+            for i in range(runs):
+                assert await fe.plug(A + i * (2 << 20), 1) == ResponseType.ACK
+                worker = await _wait_for(lambda: _worker(holder.pid))
+                t0 = time.perf_counter()
+                os.kill(worker, signal.SIGKILL)
+                with trio.fail_after(30):
+                    assert (await fe.state(A, 1))[0] == ResponseType.ACK
+                times.append(time.perf_counter() - t0)
+                await trio.sleep(spacing)
+            await fe.close()
+            fe.release()
+            return times
+        finally:
+            holder.send_signal(signal.SIGTERM)
+            holder.wait(timeout=20)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--spacing", type=float, default=11.0, help="seconds between kills (> 10: delay resets)")
+    ap.add_argument("--out", default="bench/results/restart.txt")
+    args = ap.parse_args()
+    times = trio.run(measure, args.runs, args.spacing)
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    ms = sorted(t * 1000 for t in times)
+    text = (f"command: .venv/bin/python -m bench.restart --runs {args.runs} --spacing {args.spacing}\n"
+            f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, git {git}, "
+            f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"load {os.getloadavg()[0]:.2f}\n\n"
+            f"kill -9 of the serving process -> next request answered on the same connection, ms:\n"
+            f"  min {ms[0]:.0f}, median {statistics.median(ms):.0f}, max {ms[-1]:.0f}  (n = {len(ms)})\n"
+            f"  runs: {', '.join(f'{t:.0f}' for t in ms)}\n")
+    print(text, end="")
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
