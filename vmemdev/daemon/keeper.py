@@ -76,6 +76,7 @@ class ConnectionKeeper:
     def __init__(self, path: str):
         self.path = path
         self._stored: dict[str, int] = {}  # name -> fd number as last stored
+        self._engine: tuple[EngineRecord, dict[str, Any]] | None = None  # it rarely changes
 
     def keep_fds(self, fds: dict[str, int]) -> None:
         """Make the fd store hold exactly these. Every one is stored again: an fd
@@ -88,7 +89,9 @@ class ConnectionKeeper:
 
     def save(self, engine: EngineRecord, device: dict[str, Any], answer: SavedAnswer | None = None) -> None:
         """Atomically: a crash leaves the previous state or this one. Raises OSError."""
-        text = json.dumps({"format": FORMAT, "engine": json.loads(engine.to_json()), "device": device,
+        if self._engine is None or self._engine[0] != engine:
+            self._engine = (engine, engine.to_obj())
+        text = json.dumps({"format": FORMAT, "engine": self._engine[1], "device": device,
                            "answer": None if answer is None else answer.to_json()})
         temporary = self.path + ".new"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

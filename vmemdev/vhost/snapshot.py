@@ -57,8 +57,11 @@ class EngineRecord:
     regions: tuple[tuple[int, ...], ...]  # gpa, size, user address, mmap offset
     rings: tuple[RingRecord, ...]
 
+    def to_obj(self) -> dict[str, Any]:
+        return {"format": FORMAT, **asdict(self)}
+
     def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, **asdict(self)}, sort_keys=True)
+        return json.dumps(self.to_obj(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> EngineRecord:
