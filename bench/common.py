@@ -252,10 +252,9 @@ class Daemon:
 
 # The bench's front-end plugs blocks without writing them and has 64 MiB of
 # boot RAM: the memmap observer would take it for a Linux guest that onlines
-# movable with no kernel memory to spare (ceiling 0 with the default reserve)
-# and cap it, and a plug undone at once for a failed hot-add. Those policies
-# are for Linux guests (tests/test_memmap.py, the e2e tier), not for this.
-NOT_A_LINUX_GUEST = ("--memmap-reserve", "0", "--memmap-rescue", "off")
+# movable with no kernel memory to spare and cap it. Those policies are for
+# Linux guests (tests/test_memmap.py, the e2e tier), not for this.
+NOT_A_LINUX_GUEST = ("--memmap-observe", "off")
 
 
 def serve_args(directory: str) -> list[str]:

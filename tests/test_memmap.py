@@ -471,3 +471,15 @@ async def test_daemon_rescues_a_guest_pushed_past_its_kernel_memory(nursery, tmp
     await trio.sleep(0.05)
     await fe.close()
     fe.release()
+
+
+@pytest.mark.parametrize("observe", [True, False])
+def test_a_front_end_that_is_not_a_linux_guest_can_turn_the_observation_off(observe):
+    """Blocks plugged and never written look like movable onlining; a 64 MiB
+    boot RAM then has a ceiling of 0 and the cap stops the plugs. With the
+    observation off (`--memmap-observe off`) the onlining stays unknown."""
+    g = Guest(boot=64 * MiB, requested=GiB, memmap_observe=observe)
+    for k in range(4):
+        g.add(k, memmap_in_region=False)
+    assert g.dev.placement.onlining == ("movable" if observe else "unknown")
+    assert (g.dev.requested_size < GiB) is observe

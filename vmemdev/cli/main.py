@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="boot memory a guest that onlines movable keeps for itself; its memmap "
                             "ceiling is 64 x (boot memory - SIZE) (default: half the boot memory, "
                             "at least 192M)")
+    serve.add_argument("--memmap-observe", choices=["on", "off"], default="on",
+                       help="infer the guest's onlining from the region's allocation (default on); "
+                            "'off' for a front-end that is not a Linux guest: no memmap ceiling, cap "
+                            "or rescue then")
     serve.add_argument("--state-file", metavar="PATH",
                        help="keep the attached front-end's connection resumable by a successor "
                             "(under `vmemdev hold` or systemd's fd store): its state is kept in PATH "
@@ -309,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                                 prealloc=getattr(args, "prealloc", False),
                                 memmap_reserve=getattr(args, "memmap_reserve", None),
                                 memmap_rescue=getattr(args, "memmap_rescue", DEFAULT_RESCUE_MARGIN),
+                                memmap_observe=getattr(args, "memmap_observe", "on") == "on",
                                 state_file=getattr(args, "state_file", None))
     except ConfigError as exc:
         parser.error(str(exc))

@@ -42,13 +42,15 @@ class DeviceRuntime:
     def __init__(self, geometry: Geometry, requested_size: int = 0, *, limits: Limits | None = None,
                  cgroup: CgroupProbe | None = None, headroom: HeadroomRule | None = None,
                  prealloc: bool = False, memmap_reserve: int | None = None,
-                 memmap_rescue: int | None = DEFAULT_RESCUE_MARGIN, state_file: str | None = None):
+                 memmap_rescue: int | None = DEFAULT_RESCUE_MARGIN, memmap_observe: bool = True,
+                 state_file: str | None = None):
         self.events = EventBus()
         self.lock = threading.Lock()
         self.host = SystemHost()
         self.device = VirtioMem(geometry, requested_size, host=self.host, limits=limits, cgroup=cgroup,
                                 headroom=headroom, prealloc=prealloc, publish=self.events.publish,
-                                memmap_reserve=memmap_reserve, memmap_rescue=memmap_rescue)
+                                memmap_reserve=memmap_reserve, memmap_rescue=memmap_rescue,
+                                memmap_observe=memmap_observe)
         self.frontend: FrontendConnection | None = None
         self.sessions_ended = 0  # front-end connections served to the end
         self.state_file = state_file  # keep the attached connection resumable (keeper.py)

@@ -63,7 +63,7 @@ class Lab(Closing):
         # A guest that does not write what it plugs looks, to the memmap observer,
         # like a Linux guest onlining movable with no kernel memory to spare:
         # the memmap cap and rescue are for real guests, not for this one.
-        not_linux = () if guest_touches else ("--memmap-reserve", "0", "--memmap-rescue", "off")
+        not_linux = () if guest_touches else ("--memmap-observe", "off")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vmemdev", "serve", "--socket-path", self.socket_path,
              "--region-addr", hex(region_addr), "--region-size", str(self.region_size),

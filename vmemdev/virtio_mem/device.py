@@ -151,6 +151,7 @@ class VirtioMem:
         publish: Publish = _no_events,
         memmap_reserve: int | None = None,
         memmap_rescue: int | None = DEFAULT_RESCUE_MARGIN,
+        memmap_observe: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.model = VirtioMemModel(geometry, 0)
@@ -166,6 +167,9 @@ class VirtioMem:
         self.rollbacks = RollbackDetector()
         self.protection = Protection()
         self.protection.set_rescue_margin(memmap_rescue)
+        # Off for a front-end that is not a Linux guest (the bench's, the toolkit's
+        # non-writing Lab): the onlining stays unknown, so no ceiling, cap or rescue.
+        self.observe_memmap = memmap_observe
         self.forced = False  # the operator forced the requested size past the ceiling
         self._config_changed = False  # requested changed on the request path: notify the driver
         self.clock = clock
@@ -528,7 +532,7 @@ class VirtioMem:
             # Every earlier memory block is added and onlined by now. With
             # --prealloc plugged blocks are allocated already: a memmap put in
             # them adds nothing, so the placement cannot be seen (stays unknown).
-            if opened and not self.prealloc:
+            if opened and not self.prealloc and self.observe_memmap:
                 allocated = self._region_allocated()
                 if allocated is not None:
                     self.placement.sample(memory_blocks_used(self.model), allocated)
