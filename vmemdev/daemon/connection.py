@@ -182,7 +182,8 @@ class FrontendConnection:
         if p is None:
             return
         try:
-            p.keeper.keep_fds(self.fds_by_role())
+            if answer is None:  # a request never changes the connection's fds: a message may
+                p.keeper.keep_fds(self.fds_by_role())
             p.keeper.save(snapshot(self.engine), p.record(), answer)
         except OSError as exc:
             log.error("cannot save the connection state (%s): a restart now would lose it", exc)
