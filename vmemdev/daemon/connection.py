@@ -399,9 +399,11 @@ class FrontendConnection:
 
     def _answer(self, index: int, request: RingRequest) -> bytes:
         p = self.persistence
+        if p is None:  # the hot path without --state-file: nothing more than before
+            return self.serve_request(request) if request.chain is not None else b""
         queue = self.engine.rings[index].queue
         used_after = None if queue is None else (queue.used_idx + 1) & 0xFFFF
-        if p is not None and p.answer is not None:
+        if p.answer is not None:
             saved, p.answer = p.answer, None
             if (saved.ring, saved.head, saved.request, saved.used_idx) == (index, request.head, request.data,
                                                                           used_after):
@@ -410,9 +412,9 @@ class FrontendConnection:
                 return saved.response
         if request.chain is None:
             return b""
-        before = p.version() if p is not None else None
+        before = p.version()
         response = self.serve_request(request)
-        if p is not None and used_after is not None and p.version() != before:
+        if used_after is not None and p.version() != before:
             # Saved before the guest can see it in the used ring.
             self.persist(SavedAnswer(index, request.head, request.data, response, used_after))
         return response
