@@ -27,17 +27,10 @@ import trio
 
 from vmemdev.protocol.virtio_mem import ResponseType
 from vmemdev.testing.frontend import Frontend
+from vmemdev.testing.processes import only_child
 
 A = 1 << 32
 VMEMDEV = [sys.executable, "-m", "vmemdev"]
-
-
-def _worker(holder: int) -> int | None:
-    children = []
-    for task in os.listdir(f"/proc/{holder}/task"):
-        with open(f"/proc/{holder}/task/{task}/children") as f:
-            children += [int(c) for c in f.read().split()]
-    return children[0] if len(children) == 1 else None
 
 
 async def _wait_for(predicate, timeout: float = 30.0):
@@ -64,7 +57,7 @@ async def measure(runs: int, spacing: float) -> list[float]:
             times = []
             for i in range(runs):
                 assert await fe.plug(A + i * (2 << 20), 1) == ResponseType.ACK
-                worker = await _wait_for(lambda: _worker(holder.pid))
+                worker = await _wait_for(lambda: only_child(holder.pid))
                 t0 = time.perf_counter()
                 os.kill(worker, signal.SIGKILL)
                 with trio.fail_after(30):

@@ -15,6 +15,7 @@ import pytest
 
 from vmemdev.daemon.holder import FdStore, handle_notify
 from vmemdev.testing.frontend import Frontend
+from vmemdev.testing.processes import only_child
 
 VMEMDEV = [sys.executable, "-m", "vmemdev"]
 
@@ -71,14 +72,6 @@ def test_a_killed_worker_is_restarted_with_the_fds_it_stored(tmp_path):
         holder.wait()
 
 
-def worker_of(holder_pid: int) -> int | None:
-    children = []
-    for task in os.listdir(f"/proc/{holder_pid}/task"):
-        with open(f"/proc/{holder_pid}/task/{task}/children") as f:
-            children += [int(c) for c in f.read().split()]
-    return children[0] if len(children) == 1 else None
-
-
 async def test_the_vhost_user_socket_survives_the_daemon(tmp_path):
     """kill -9 of `vmemdev serve` under the holder: the listening socket is the
     same one (never unbound, never re-bound), a front-end that connects during
@@ -89,13 +82,13 @@ async def test_the_vhost_user_socket_survives_the_daemon(tmp_path):
     try:
         wait_for(lambda: (tmp_path / "vm0.ctl").exists())
         inode = sock.stat().st_ino
-        first = wait_for(lambda: worker_of(holder.pid))
+        first = wait_for(lambda: only_child(holder.pid))
         os.kill(first, signal.SIGKILL)
         fe = Frontend(str(sock))
         await fe.realize()  # queued in the kept socket's backlog until the new worker accepts
         await fe.start()
         assert (await fe.get_config()).region_size == 1 << 30
-        second = worker_of(holder.pid)
+        second = only_child(holder.pid)
         assert second not in (None, first) and sock.stat().st_ino == inode
         await fe.close()
         fe.release()

@@ -15,8 +15,9 @@ import trio
 
 from vmemdev.protocol.virtio_mem import BlockState, ResponseType
 from vmemdev.testing.frontend import Frontend
+from vmemdev.testing.processes import only_child
 
-from .test_holder import wait_for, worker_of
+from .test_holder import wait_for
 
 VMEMDEV = [sys.executable, "-m", "vmemdev"]
 MiB = 1 << 20
@@ -46,7 +47,7 @@ class Held:
         return json.loads(out)
 
     def kill_worker(self) -> int:
-        pid = wait_for(lambda: worker_of(self.proc.pid))
+        pid = wait_for(lambda: only_child(self.proc.pid))
         os.kill(pid, signal.SIGKILL)
         return pid
 
