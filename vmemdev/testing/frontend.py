@@ -361,6 +361,10 @@ class Frontend:
                     await sock.send(vu.encode_reply(req, vu.encode_u64(0)))
         except trio.ClosedResourceError:
             return  # close() was called
+        except OSError:
+            if self._backend_watch_sock is None:  # close() ran while a message was waking us
+                return
+            raise
 
     async def wait_config_change(self) -> None:
         await self._config_event.wait()
