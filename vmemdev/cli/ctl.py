@@ -236,10 +236,46 @@ def describe_refusals(before: dict, after: dict) -> str:
     return "; ".join(parts) or "no requests refused: is the guest driver loaded and onlining memory?"
 
 
+def wait_for_upgrade(path: str, started: float, timeout: float) -> dict:
+    """The new process's status once it serves (its start time is after
+    ``started``); raises VmemdevError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with Client(path, timeout=5) as client:
+                status = client.execute("query-status")
+            if status["started"] > started:
+                return status
+        except (VmemdevError, OSError):
+            pass  # not listening yet, or the old process closing
+        if time.monotonic() > deadline:
+            raise VmemdevError(f"the upgraded daemon did not answer on {path} within {timeout:.0f} s: "
+                               "see its log (journalctl -u vmemdev@NAME)")
+        time.sleep(0.05)
+
+
+def upgrade(client: Client, path: str, args) -> int:
+    before = client.execute("query-status")
+    t0 = time.monotonic()
+    plan = client.execute("upgrade")
+    said = f"pid {plan['pid']}: vmemdev {plan['from']} -> {plan['to']}, front-end {plan['frontend']}"
+    if not args.wait:
+        return _emit(args, plan, lambda p: "re-executing " + said)
+    after = wait_for_upgrade(path, before["started"], args.timeout)
+    result = {**plan, "seconds": round(time.monotonic() - t0, 3), "status": after}
+    if after["pid"] != plan["pid"]:  # a crash-restart, not the execve we asked for
+        print(f"vmemdev ctl: the daemon came back as pid {after['pid']}, not {plan['pid']}: it did not "
+              "re-execute but was restarted (see its log)", file=sys.stderr)
+        return 1
+    return _emit(args, result, lambda r: f"upgraded in place, {said}: serving again after {r['seconds']:.2f} s")
+
+
 def run(args) -> int:
     try:
         path = find_control_socket(args.control_socket)
         with Client(path) as client:
+            if args.ctl_command == "upgrade":
+                return upgrade(client, path, args)
             return _run(client, args)
     except ControlError as exc:
         print(f"vmemdev ctl: {exc.desc}", file=sys.stderr)

@@ -15,7 +15,8 @@ from typing import Any
 import trio
 
 from .. import __version__
-from ..daemon import systemd
+from ..daemon import keeper, systemd
+from ..daemon.handover import HANDOVER_ENV
 from ..errors import ConfigError, VmemdevError
 from ..sizes import format_size, parse_size
 from ..vhost.engine import OFFERED_PROTOCOL_FEATURES, TRANSPORT_FEATURES
@@ -76,6 +77,7 @@ def capabilities() -> dict:
         "features": [],
         "virtio-features": f"{TRANSPORT_FEATURES | VirtioMem.features:#x}",
         "protocol-features": f"{OFFERED_PROTOCOL_FEATURES:#x}",
+        "state-formats": list(keeper.READS),  # what `ctl upgrade` checks before re-executing us
     }
 
 
@@ -209,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     rescue.add_argument("margin")
     cmds.add_parser("stats", help="request counters, latency, bytes discarded/preallocated")
     cmds.add_parser("accounting", help="plugged vs host-allocated, memmap estimate")
+    upgrade = cmds.add_parser("upgrade", help="re-execute the installed vmemdev in place, keeping the "
+                                              "attached connection (needs serve --state-file)")
+    upgrade.add_argument("--no-wait", dest="wait", action="store_false",
+                         help="do not wait for the new version to serve")
+    upgrade.add_argument("--timeout", type=float, default=60.0, help="give up waiting after S seconds (60)")
     events = cmds.add_parser("events", help="recent events; --follow for new ones")
     events.add_argument("--follow", "-f", action="store_true")
     for command in cmds.choices.values():  # `ctl status --json` as well as `ctl --json status`
@@ -237,9 +244,11 @@ def _geometry(parser: argparse.ArgumentParser, args) -> Geometry:
 
 
 def _resume(runtime, state_file: str | None, fds: dict[str, int]):
-    """The connection a dead predecessor was serving, when its fds were kept
-    for us; exits 2 naming the file when its state cannot be used."""
+    """The connection a dead predecessor (or, after an upgrade in place, this
+    process before its execve) was serving, when its fds were kept for us;
+    exits 2 naming the file when its state cannot be used."""
     log = logging.getLogger("vmemdev")
+    reason = os.environ.pop(HANDOVER_ENV, None) or "restart"
     if state_file is None:
         return None
     if "conn" not in fds:  # nothing to resume: a state file left over describes no live connection
@@ -247,11 +256,10 @@ def _resume(runtime, state_file: str | None, fds: dict[str, int]):
             log.info("no kept connection: removing the stale state %s", state_file)
             os.unlink(state_file)
         return None
-    from ..daemon import keeper
     from ..vhost.snapshot import StateError
 
     try:
-        return runtime.resume(keeper.load(state_file), fds)
+        return runtime.resume(keeper.load(state_file), fds, reason=reason)
     except StateError as exc:
         log.error("cannot resume the front-end's connection: %s. The saved state was not used and "
                   "no memory was discarded; the kept connection is dropped when this process exits. "
@@ -318,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     if args.command == "serve":
-        activated = systemd.listen_fds() if args.fd is None else {}
+        runtime.argv = argv  # an upgrade in place re-executes the installed version with them
+        activated = systemd.listen_fds() if args.fd is None or HANDOVER_ENV in os.environ else {}
         resumed = _resume(runtime, args.state_file, activated)
         if "vhost-user" in activated:  # socket activation, or kept for us by a service manager
             args.fd = activated["vhost-user"]

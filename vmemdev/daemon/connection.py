@@ -110,6 +110,10 @@ class FrontendConnection:
         self._poll = select.poll()
         self._wakeup: int | None = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stop_requested = False
+        self._ended = False
+        self._park_requested = False  # an upgrade: stop between two items of work, state saved
+        self._parked = threading.Event()  # set once parked, or once the thread has ended
+        self._unpark = threading.Event()
         # One notification per change; each counter has one writer (Trio, the thread).
         self._notifications_asked = 0
         self._notifications_sent = 0
@@ -142,7 +146,27 @@ class FrontendConnection:
 
     def stop(self) -> None:
         self._stop_requested = True
+        self._unpark.set()
         self._wake()
+
+    def park(self, timeout: float) -> bool:
+        """Have the serving thread stop between two messages or requests, with
+        its state saved and no notification owed, and stay there until
+        ``unpark()`` (or until the process is replaced). True once parked;
+        False if the connection ended or the thread is busy for ``timeout``
+        (then it is not parked)."""
+        self._unpark.clear()
+        self._park_requested = True
+        self._wake()
+        if not self._parked.wait(timeout) or self._stop_requested:
+            self._park_requested = False
+            self._unpark.set()
+            return False
+        return not self._ended
+
+    def unpark(self) -> None:
+        self._park_requested = False
+        self._unpark.set()
 
     def notify_config_change(self) -> None:
         """Send CONFIG_CHANGE_MSG on the backend channel (from the serving thread)."""
@@ -208,12 +232,18 @@ class FrontendConnection:
         assert self._wakeup is not None
         self._poll.register(self._wakeup, READABLE)
         self._poll.register(self.sock, READABLE)
-        if self.resumed:  # the dead process may have taken a kick without serving it
+        if self.resumed:
+            # The dead process may have taken a kick without serving it, or saved a
+            # change of requested size without the notification going out: a
+            # spurious one only makes the driver read the config again.
             with self.lock:
                 for ring in self.rings:
                     self._drain(ring)
+            self.notify_config_change()
         try:
             while True:
+                if self._park_requested:  # here, nothing is half done
+                    self._park_here()
                 for fd, events in self._poll.poll():
                     if fd == self._wakeup:
                         self._woken()
@@ -226,6 +256,19 @@ class FrontendConnection:
             log.info("front-end connection stopped by the daemon")
         except ConnectionClosed as exc:
             log.info("front-end disconnected: %s", exc)
+        finally:
+            self._ended = True
+            self._parked.set()  # whoever waits for a park hears that there will be none
+
+    def _park_here(self) -> None:
+        self._woken()  # owed notifications go out first
+        with self.lock:
+            self.persist()
+        log.info("connection parked for a handover")
+        self._parked.set()
+        self._unpark.wait()
+        self._parked.clear()
+        log.info("connection unparked: serving again")
 
     def _woken(self) -> None:
         assert self._wakeup is not None

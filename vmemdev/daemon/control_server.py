@@ -21,7 +21,7 @@ import struct
 import trio
 
 from .. import __version__
-from ..errors import VmemdevError
+from ..errors import OperatorError, VmemdevError
 from ..protocol import control as proto
 from . import commands as control
 from .runtime import DeviceRuntime
@@ -181,13 +181,31 @@ class ClientSession:
                 buffer += chunk
             line, _, buffer = buffer.partition(b"\n")
             if line.strip():
-                await self.send(self._answer(line))
+                await self._serve_line(line)
 
-    def _answer(self, line: bytes) -> bytes:
+    async def _serve_line(self, line: bytes) -> None:
         try:
             command = proto.parse_command(line)
         except proto.CommandError as exc:
-            return proto.encode_error(exc.cls, exc.desc, exc.id)
+            await self.send(proto.encode_error(exc.cls, exc.desc, exc.id))
+            return
+        if command.name != "upgrade":
+            await self.send(self._answer(command))
+            return
+        # The answer goes out once the connection is parked, just before this
+        # process is replaced: the client then waits for the new one.
+        try:
+            plan = await self.runtime.prepare_upgrade()
+        except OperatorError as exc:
+            await self.send(proto.encode_error("GenericError", str(exc), command.id))
+            return
+        try:
+            with trio.move_on_after(1):
+                await self.send(proto.encode_return(plan, command.id))
+        finally:
+            self.runtime.upgrade()
+
+    def _answer(self, command: proto.Command) -> bytes:
         try:
             return proto.encode_return(control.execute(self.runtime, command), command.id)
         except proto.CommandError as exc:

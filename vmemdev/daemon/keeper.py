@@ -40,6 +40,7 @@ from . import systemd
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+READS = (FORMAT,)  # the state formats load() accepts (an upgrade checks the new version's)
 
 
 @dataclass(frozen=True)

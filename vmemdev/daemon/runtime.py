@@ -22,6 +22,8 @@ from typing import Any
 
 import trio
 
+from .. import __version__
+from ..errors import OperatorError
 from ..host.interface import CgroupProbe
 from ..host.system import SystemHost
 from ..vhost.engine import MAX_MEM_SLOTS, RingRequest
@@ -31,6 +33,7 @@ from ..virtio_mem.headroom import HeadroomRule
 from ..virtio_mem.limits import Limits
 from ..virtio_mem.model import Geometry
 from ..virtio_mem.protection import DEFAULT_RESCUE_MARGIN
+from . import handover, keeper
 from .connection import FrontendConnection
 from .events import EventBus
 from .keeper import ConnectionKeeper, Persistence, SavedAnswer, SavedState
@@ -55,6 +58,11 @@ class DeviceRuntime:
         self.sessions_ended = 0  # front-end connections served to the end
         self.state_file = state_file  # keep the attached connection resumable (keeper.py)
         self.restores: list[float] = []  # when a connection was resumed from a dead process
+        self.started = time.time()
+        self.argv: list[str] | None = None  # this program's arguments, for an upgrade in place
+        self.listener_fd: int | None = None  # the vhost-user listening socket, for an upgrade
+        self.resumed_by: str | None = None  # "restart" or "upgrade": how this process got its connection
+        self._upgrading = False
 
     @property
     def geometry(self) -> Geometry:
@@ -83,7 +91,8 @@ class DeviceRuntime:
                            version=lambda: (model.bitmap.count, model.requested_size, model.usable_region_size),
                            record=model.to_record, answer=answer)
 
-    def resume(self, state: SavedState, fds: dict[str, int], tracer: Any = None) -> FrontendConnection:
+    def resume(self, state: SavedState, fds: dict[str, int], tracer: Any = None,
+               reason: str = "restart") -> FrontendConnection:
         """The connection a dead process was serving, from its saved state and
         the fds the service manager kept. Raises StateError (nothing kept then)."""
         missing = [name for name in ["conn", *(f"mem{i}" for i in range(len(state.engine.regions)))]
@@ -105,10 +114,16 @@ class DeviceRuntime:
             self.frontend.adopt_fds(fds)
             self.device.attach(memory)
         self.restores.append(time.time())
+        self.resumed_by = reason
         d = self.device
-        log.warning("resumed the front-end connection of a process that died: plugged %d, requested %d",
-                    d.plugged_size, d.requested_size)
-        self.events.publish("CONNECTION_RESUMED", plugged=d.plugged_size, requested=d.requested_size)
+        if reason == "upgrade":
+            log.warning("upgraded in place: resumed the front-end connection, plugged %d, requested %d",
+                        d.plugged_size, d.requested_size)
+        else:
+            log.warning("resumed the front-end connection of a process that died: plugged %d, requested %d",
+                        d.plugged_size, d.requested_size)
+        self.events.publish("CONNECTION_RESUMED", plugged=d.plugged_size, requested=d.requested_size,
+                            reason=reason)
         return self.frontend
 
     def disconnected(self) -> None:
@@ -176,8 +191,52 @@ class DeviceRuntime:
             out = self.device.status()
         out["frontend"] = "attached" if self.frontend_attached else "waiting"
         out["pid"] = os.getpid()
-        out["resumed"] = {"count": len(self.restores), "last": self.restores[-1] if self.restores else None}
+        out["resumed"] = {"count": len(self.restores), "last": self.restores[-1] if self.restores else None,
+                          "by": self.resumed_by}
+        out["started"] = self.started
         return out
+
+    # --- upgrade in place (handover.py) ----------------------------------------------
+
+    async def prepare_upgrade(self, park_timeout: float = 10.0) -> dict[str, Any]:
+        """Check that the installed version starts and reads our state, then park
+        the attached connection (state saved, nothing in flight). Raises
+        OperatorError with the reason; nothing has changed then."""
+        if self._upgrading:
+            raise OperatorError("an upgrade is already in progress")
+        if self.argv is None or self.listener_fd is None:
+            raise OperatorError("this process was not started by `vmemdev serve`: nothing to re-execute")
+        if self.frontend is not None and self.state_file is None:
+            raise OperatorError("a front-end is attached and serve has no --state-file: its connection "
+                                "could not be resumed (restart with --state-file PATH to upgrade in place)")
+        self._upgrading = True
+        try:
+            try:
+                found = await handover.preflight()
+            except OSError as exc:
+                raise OperatorError(f"not upgraded: {exc}") from exc
+            if keeper.FORMAT not in found["state-formats"]:
+                raise OperatorError(f"not upgraded: the installed vmemdev {found['version']} reads state formats "
+                                    f"{found['state-formats']}, this one writes {keeper.FORMAT}")
+            frontend = self.frontend
+            if frontend is not None and not await trio.to_thread.run_sync(frontend.park, park_timeout):
+                raise OperatorError(f"not upgraded: the connection did not come to a stop within {park_timeout:.0f} s "
+                                    "(or it ended)")
+        except BaseException:
+            self._upgrading = False
+            raise
+        return {"pid": os.getpid(), "from": __version__, "to": found["version"],
+                "frontend": "attached" if self.frontend is not None else "waiting"}
+
+    def upgrade(self) -> None:
+        """Re-execute the installed version (never returns)."""
+        assert self._upgrading and self.argv is not None and self.listener_fd is not None
+        with self.lock:
+            fds = {"vhost-user": self.listener_fd}
+            if self.frontend is not None:
+                fds.update(self.frontend.fds_by_role())
+            self.events.publish("UPGRADE_STARTED", pid=os.getpid())
+            handover.reexec(self.argv, fds)
 
     async def monitor(self, interval: float = 1.0, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Watch memory.high; runs for the daemon's life."""

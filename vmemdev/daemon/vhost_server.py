@@ -141,6 +141,7 @@ async def serve(
         else:
             raise ConfigError("serve needs a socket path or a listening fd")
         stack.callback(listener.close)
+        runtime.listener_fd = listener.fileno()  # an upgrade in place hands it over
         g = runtime.geometry
         log.info(
             "serving virtio-mem on %s: region %#x+%#x, block %#x, requested %#x",

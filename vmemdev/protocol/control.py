@@ -46,6 +46,7 @@ COMMANDS: dict[str, dict[str, tuple[str, bool]]] = {
     "set-memmap-reserve": {"value": ("size-or-auto", True)},
     "set-memmap-rescue": {"margin": ("size-or-off", True)},
     "set-limit": {"name": ("limit-name", True), "value": ("size-or-max", True)},
+    "upgrade": {},  # re-execute the installed version in place; answered just before
 }
 LIMIT_NAMES = ("memory.max", "memory.high")
 
