@@ -125,6 +125,61 @@ async def test_a_request_decided_before_the_crash_is_answered_as_decided(tmp_pat
         held.proc.wait()
 
 
+async def test_an_unplug_killed_after_its_discard_is_finished_by_the_successor(tmp_path, nursery):
+    """The process dies after the UNPLUG's discard, before the device state
+    changed: the successor takes the request again, discards again (nothing
+    left to give back) and answers ACK; state and host allocation agree."""
+    marker = tmp_path / "crashed"
+    held = Held(tmp_path, env={"VMEMDEV_CRASH_POINT": f"host-work-done:{marker}"})
+    try:
+        fe = await attach(held, nursery)
+        assert await fe.plug(A, 4) == ResponseType.ACK  # no host work without --prealloc
+        area, offset = fe.ram.gpa_area(A, 8 * MiB)
+        area[offset:offset + 8 * MiB] = b"\x5a" * (8 * MiB)  # the guest uses what it was given
+        assert fe.dimm_allocated() == 8 * MiB
+        with trio.fail_after(20):
+            assert await fe.unplug(A, 2) == ResponseType.ACK
+        assert marker.exists() and "crash point host-work-done" in held.log()
+        with trio.fail_after(20):
+            assert await fe.state(A, 2) == (ResponseType.ACK, BlockState.UNPLUGGED)
+            assert await fe.state(A + 4 * MiB, 2) == (ResponseType.ACK, BlockState.PLUGGED)
+        status = held.ctl("status")
+        assert status["plugged_size"] == 4 * MiB and status["resumed"]["count"] == 1
+        assert fe.dimm_allocated() == 4 * MiB  # the kept blocks' data, nothing else
+        assert area[offset + 4 * MiB:offset + 8 * MiB] == b"\x5a" * (4 * MiB)  # plugged data intact
+        await fe.close()
+        fe.release()
+        assert held.stop() == 0
+    finally:
+        held.proc.kill()
+        held.proc.wait()
+
+
+async def test_a_prealloc_plug_killed_after_its_populate_is_served_again(tmp_path, nursery):
+    """--prealloc: the process dies after populating a PLUG's blocks, before
+    the device state changed. The successor gives back what the state calls
+    unplugged, takes the PLUG again, populates and answers ACK."""
+    marker = tmp_path / "crashed"
+    held = Held(tmp_path, "--prealloc", env={"VMEMDEV_CRASH_POINT": f"host-work-done:{marker}"})
+    try:
+        fe = await attach(held, nursery)
+        with trio.fail_after(20):
+            assert await fe.plug(A, 4) == ResponseType.ACK
+        log = held.log()
+        assert marker.exists() and "crash point host-work-done" in log
+        assert f"gave back {8 * MiB} bytes the dead process left allocated in unplugged blocks" in log
+        status = held.ctl("status")
+        assert status["plugged_size"] == 8 * MiB and held.ctl("stats")["requests"]["PLUG"] == {"ACK": 1}
+        assert fe.dimm_allocated() == 8 * MiB
+        assert held.ctl("accounting")["allocated_outside_plugged"] == 0
+        await fe.close()
+        fe.release()
+        assert held.stop() == 0
+    finally:
+        held.proc.kill()
+        held.proc.wait()
+
+
 async def test_a_corrupted_state_is_refused_naming_the_file(tmp_path, nursery):
     held = Held(tmp_path)
     try:

@@ -36,12 +36,13 @@ from collections.abc import Callable
 
 import trio
 
+from ..crashpoints import crash_point
 from ..errors import PeerError
 from ..protocol import vhost_user as vu
 from ..vhost.engine import BackendChannel, Effect, Engine, RingFd, RingRequest, Serve
 from ..vhost.interfaces import Device, GuestMemory
 from ..vhost.snapshot import snapshot
-from .keeper import Persistence, SavedAnswer, crash_point
+from .keeper import Persistence, SavedAnswer
 from .trace import Tracer
 from .vhost_wire import ConnectionClosed, RefusedMessage, close_all, read_message
 

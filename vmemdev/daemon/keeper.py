@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -114,22 +113,6 @@ class ConnectionKeeper:
     def adopt(self, fds: dict[str, int]) -> None:
         """A successor: these are the fds the store holds for us already."""
         self._stored = dict(fds)
-
-
-def crash_point(name: str) -> None:
-    """Die here, as kill -9 would, if $VMEMDEV_CRASH_POINT is "NAME:MARKER" and
-    MARKER does not exist yet (it is created first: one crash, not a loop).
-    For the tests that kill the daemon at each step of a request."""
-    wanted = os.environ.get("VMEMDEV_CRASH_POINT", "")
-    point, _, marker = wanted.partition(":")
-    if point != name or not marker:
-        return
-    try:
-        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        return
-    log.warning("crash point %s: dying as kill -9 would", name)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load(path: str) -> SavedState:

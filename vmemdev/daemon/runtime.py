@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from .. import __version__
-from ..errors import OperatorError
+from ..errors import HostError, OperatorError
 from ..host.interface import CgroupProbe
 from ..host.system import SystemHost
 from ..vhost.engine import MAX_MEM_SLOTS, RingRequest
@@ -113,6 +113,14 @@ class DeviceRuntime:
                                                persistence=self._persistence(state.answer))
             self.frontend.adopt_fds(fds)
             self.device.attach(memory)
+            try:
+                reclaimed = self.device.reclaim_unplugged()
+            except (OSError, HostError) as exc:
+                log.error("cannot give back memory held for unplugged blocks: %s", exc)
+            else:
+                if reclaimed:
+                    log.warning("gave back %d bytes the dead process left allocated in unplugged blocks",
+                                reclaimed)
         self.restores.append(time.time())
         self.resumed_by = reason
         d = self.device

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..crashpoints import crash_point
 from ..errors import ConfigError, GuestMemoryError, HostError, PeerError
 from ..host.interface import Backing, CgroupProbe, Host, Memory
 from ..protocol import virtio_mem as vm
@@ -103,6 +104,7 @@ class HostWork:
                     if refusal:
                         raise HeadroomExhausted(refusal)
                     host.populate(chunk)
+            crash_point("host-work-done")
         except HostError as exc:
             if self.populate:
                 try:
@@ -313,6 +315,30 @@ class VirtioMem:
         """What the host holds for the region; None when it is not shared (yet)."""
         pieces = self.region_pieces()
         return None if pieces is None else footprint(self.model, self.host, pieces)
+
+    def reclaim_unplugged(self) -> int:
+        """Give back host memory held for unplugged blocks (a successor's: a
+        populate or discard the dead process left half done); bytes given
+        back. Every run of unplugged blocks is discarded, found or not (a
+        fallocate()d page is invisible to SEEK_DATA); plugged blocks are never
+        touched, and the guest has no ACK for the others, so it holds nothing
+        there. Raises OSError or HostError."""
+        pieces = self.region_pieces()
+        if pieces is None:
+            return 0
+        assert self.memory is not None
+        before = sum(self.host.allocated(p) for p in pieces)
+        bs, base, plugged = self.geometry.block_size, self.geometry.addr, 0
+        unplugged: list[tuple[int, int]] = []
+        for first, n in self.model.bitmap.runs():  # runs of plugged blocks
+            if first > plugged:
+                unplugged.append((plugged, first - plugged))
+            plugged = first + n
+        if plugged < self.geometry.nblocks:
+            unplugged.append((plugged, self.geometry.nblocks - plugged))
+        self.host.discard([piece for first, n in unplugged
+                           for piece in self.memory.backing(base + first * bs, n * bs)])
+        return before - sum(self.host.allocated(p) for p in pieces)
 
     def boot_memory(self) -> int | None:
         """The guest's memory outside the device region (None: no front-end)."""

@@ -1,0 +1,33 @@
+"""Crash points: die as kill -9 would at a named instant, for the tests that
+kill the serving process at each step of a request (``VMEMDEV_CRASH_POINT``).
+
+Points: ``answer-saved`` (the answer decided and saved, not yet in the used
+ring) and ``host-work-done`` (a PLUG's populate or an UNPLUG's discard
+done, the device's state not yet changed or saved).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+log = logging.getLogger(__name__)
+_WANTED = os.environ.get("VMEMDEV_CRASH_POINT", "")  # read once: set when the process starts
+
+
+def crash_point(name: str) -> None:
+    """Die here, as kill -9 would, if $VMEMDEV_CRASH_POINT is "NAME:MARKER" and
+    MARKER does not exist yet (it is created first: one crash, not a loop).
+    For the tests that kill the daemon at each step of a request."""
+    if not _WANTED:  # the usual case, on every request: nothing more
+        return
+    point, _, marker = _WANTED.partition(":")
+    if point != name or not marker:
+        return
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return
+    log.warning("crash point %s: dying as kill -9 would", name)
+    os.kill(os.getpid(), signal.SIGKILL)
