@@ -236,10 +236,14 @@ class FrontendConnection:
         if self.resumed:
             # The dead process may have taken a kick without serving it, or saved a
             # change of requested size without the notification going out: a
-            # spurious one only makes the driver read the config again.
+            # spurious notification only makes the driver read the config again.
+            # It may also have published a used element without signalling it: a
+            # spurious interrupt only makes the driver look at the used ring.
             with self.lock:
                 for ring in self.rings:
                     self._drain(ring)
+                    if self.engine.rings[ring.index].queue is not None:
+                        ring.signal_used()
             self.notify_config_change()
         try:
             while True:

@@ -1,0 +1,233 @@
+"""Issue 12, part 8: the daemon dies, or is upgraded, under a running guest
+(QEMU 11.1 TCG, Linux 7.2), run the README's way for that:
+``vmemdev hold -- vmemdev serve ... --state-file WORKDIR/vm0.state``.
+
+  r1  kill -9 of the serving process with 512M plugged and data in it; then
+      resize up and down (MemTotal follows, the data's hash is kept, host
+      allocation within plugged blocks), then a guest reboot plugs again
+      (where QEMU aborted when the connection had closed). Measured: kill ->
+      the guest's next completed request.
+  r2  the process dies (crash point host-work-done) right after an UNPLUG's
+      discard, before its state changed: the guest's request completes after
+      the restart, state and host allocation agree.
+  r3  the same with --prealloc, after a PLUG's populate.
+  r4  `vmemdev ctl upgrade` under the running guest: same pid, a pause.
+  r5  a corrupted state file at the restart: refused, naming the file; the
+      guest keeps its memory and data, nothing is discarded.
+
+Every test also checks that the guest logged no virtio_mem error (conftest)
+and QEMU no vhost error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from .harness import MiB, allocated, mib, note, record
+
+pytestmark = pytest.mark.e2e
+
+KILLED = re.compile(r"worker \d+ died \(signal SIGKILL\)")
+QEMU_BAD = re.compile(r"vhost|Assertion|Failed to|error", re.I)
+PATTERN_MIB = 256
+
+
+def write_pattern(lab) -> str:
+    """PATTERN_MIB of distinct 4 MiB chunks in a tmpfs (it lands in hot-plugged
+    movable memory); returns its sha256."""
+    out = lab.check(
+        "mkdir -p /fill && mount -t tmpfs -o size=1G tmpfs /fill && "
+        "head -c 4194304 /dev/urandom > /run/seed && i=0 && "
+        f"while [ $i -lt {PATTERN_MIB // 4} ]; do echo $i; cat /run/seed; i=$((i+1)); done > /fill/pattern"
+        " && sha256sum /fill/pattern", timeout=600)
+    return re.search(r"^([0-9a-f]{64})\s", out, re.M).group(1)
+
+
+def pattern_hash(lab) -> str:
+    return re.search(r"^([0-9a-f]{64})\s", lab.check("sha256sum /fill/pattern", timeout=600), re.M).group(1)
+
+
+def check_qemu_clean(lab, where: str) -> None:
+    text = lab.guest.qemu_log.read_text(errors="replace")
+    bad = [line for line in text.splitlines() if QEMU_BAD.search(line)]
+    if bad:
+        lab.fail(f"{where}: QEMU logged:\n    " + "\n    ".join(bad[:20]))
+
+
+def kill_worker(lab) -> tuple[int, float]:
+    daemon = lab.device.daemon
+    pid = daemon.worker_pid()
+    os.kill(pid, signal.SIGKILL)
+    return pid, time.monotonic()
+
+
+def wait_new_worker(lab, old: int, timeout: float = 30.0) -> dict:
+    """The successor's status, once its control socket answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status = lab.device.daemon.status()
+            if status["pid"] != old:
+                return status
+        except Exception:  # the control socket is not there yet
+            pass
+        if time.monotonic() > deadline:
+            lab.fail(f"no serving process answered within {timeout:.0f}s of the kill")
+        time.sleep(0.02)
+
+
+def test_r1_kill_9_with_512m_plugged_then_resize_and_reboot(lab):
+    sc = "r1: kill -9 under a running guest"
+    lab.start("vmemdev", requested=512 * MiB, reboot=True, held=True, scenario=sc)
+    lab.daemon_log_allow = KILLED
+    lab.wait_target(512 * MiB, t0=lab.guest.t_start, where="boot with 512M requested")
+    h1 = write_pattern(lab)
+    lab.check_step("512M plugged, pattern written", 512 * MiB)
+    a1 = allocated(lab.device.mem_path)
+
+    old, t_kill = kill_worker(lab)
+    status = wait_new_worker(lab, old)
+    t_ctl = time.monotonic() - t_kill
+    assert status["resumed"]["count"] == 1 and status["resumed"]["by"] == "restart", status["resumed"]
+    assert status["plugged_size"] == 512 * MiB and status["frontend"] == "attached", status
+    # The guest's next request: the PLUG that a resize asks for, as soon as we can ask.
+    lab.device.resize(768 * MiB)
+    deadline = time.monotonic() + 60
+    while lab.device.sizes()[0] == 512 * MiB:
+        if time.monotonic() > deadline:
+            lab.fail("no PLUG completed within 60 s of the restart")
+        time.sleep(0.01)
+    t_first = time.monotonic() - t_kill
+    record(sc, "kill -9 -> control socket answers again", "vmemdev", t_ctl)
+    record(sc, "kill -9 -> the guest's next request completed", "vmemdev", t_first)
+    lab.wait_target(768 * MiB, t0=t_kill, where="768M after the restart")
+    lab.check_step("768M after the restart", 768 * MiB)
+    lab.resize_and_wait(256 * MiB, scenario=sc, label="768M->256M after the restart",
+                        timeout=600)
+    lab.check_step("256M after the restart", 256 * MiB)
+    h2 = pattern_hash(lab)
+    assert h2 == h1, f"the pattern changed across the restart and the unplug: {h1} -> {h2}\n{lab.context()}"
+    a2 = allocated(lab.device.mem_path)
+    note(f"r1: kill -9 of pid {old}: control socket back after {t_ctl:.2f} s, the guest's next PLUG "
+         f"completed {t_first:.2f} s after the kill; 512M -> 768M -> 256M after it, the "
+         f"{PATTERN_MIB} MiB pattern kept, region allocated {mib(a1)} -> {mib(a2)}")
+    check_qemu_clean(lab, "after the restart")
+    lab.check_guest_clean("after the restart")
+
+    # d: a guest reboot after the restart (QEMU aborted here when the connection had closed)
+    g = lab.guest
+    t0 = time.monotonic()
+    g.serial.send("RUN reboot0 reboot -f")
+    try:
+        g.wait_ready(120)
+    except Exception as exc:
+        lab.fail(f"the guest did not come back from reboot -f after the restart: {exc}")
+    lab.boots += 1
+    lab.wait_probe()
+    lab.wait_target(256 * MiB, t0=t0, where="after the reboot, requested 256M")
+    record(sc, "reboot -f after the restart -> 256M plugged again", "vmemdev", time.monotonic() - t0)
+    lab.resize_and_wait(512 * MiB, scenario=sc, label="after the reboot 256M->512M")
+    lab.check_step("512M after the reboot", 512 * MiB)
+    assert g.alive(), "QEMU exited at the reboot"
+    status = lab.device.daemon.status()
+    assert status["pid"] == lab.device.daemon.worker_pid() and status["resumed"]["count"] == 1, status
+    assert "front-end detached" not in lab.device.daemon.log_text()
+    check_qemu_clean(lab, "after the reboot")
+
+
+def crash_inside(lab, sc: str, extra: tuple[str, ...], start: int, target: int, what: str) -> None:
+    marker = lab.workdir / "crashed"
+    lab.start("vmemdev", requested=start, held=True, daemon_args=extra, scenario=sc,
+              daemon_env={"VMEMDEV_CRASH_POINT": f"host-work-done:{marker}"})
+    lab.daemon_log_allow = KILLED
+    if start:
+        lab.wait_target(start, t0=lab.guest.t_start, where=f"boot with {mib(start)} requested")
+        write_pattern(lab)
+    first = lab.device.daemon.worker_pid()
+    t0 = time.monotonic()
+    lab.device.resize(target)
+    lab.wait_target(target, t0=t0, where=f"{what}: {mib(start)} -> {mib(target)} across the crash",
+                    timeout=600)
+    took = time.monotonic() - t0
+    assert marker.exists(), "the crash point was not reached"
+    log = lab.device.daemon.log_text()
+    assert "crash point host-work-done" in log and KILLED.search(log), log[-3000:]
+    status = lab.device.daemon.status()
+    assert status["pid"] != first and status["resumed"]["count"] == 1, status
+    st = lab.check_step(f"{what}: after the restart", target)
+    acc = lab.device.check_invariants(f"{what}: after the restart")
+    record(sc, f"resize {mib(start)} -> {mib(target)} with a kill inside -> reached", "vmemdev", took)
+    note(f"{sc}: the process died after the host work; the successor completed the guest's request: "
+         f"{mib(start)} -> {mib(target)} in {took:.1f} s; region allocated {mib(st['file_allocated'])}, "
+         f"outside plugged {acc['allocated_outside_plugged']} bytes"
+         + ("; " + m.group(0) if (m := re.search(r"gave back \d+ bytes[^\n]*", log)) else ""))
+    check_qemu_clean(lab, what)
+
+
+def test_r2_kill_inside_an_unplug(lab):
+    crash_inside(lab, "r2: kill -9 inside an UNPLUG", (), 512 * MiB, 256 * MiB, "UNPLUG")
+
+
+def test_r3_kill_inside_a_prealloc_plug(lab):
+    crash_inside(lab, "r3: kill -9 inside a --prealloc PLUG", ("--prealloc",), 0, 256 * MiB, "PLUG")
+
+
+def test_r4_upgrade_in_place(lab):
+    sc = "r4: upgrade in place"
+    lab.start("vmemdev", requested=512 * MiB, held=True, scenario=sc)
+    lab.wait_target(512 * MiB, t0=lab.guest.t_start, where="boot with 512M requested")
+    h1 = write_pattern(lab)
+    daemon = lab.device.daemon
+    pid = daemon.worker_pid()
+    t0 = time.monotonic()
+    rc = daemon.ctl("upgrade")
+    took = time.monotonic() - t0
+    assert rc.returncode == 0 and "upgraded in place" in rc.stdout, rc.stdout + rc.stderr
+    status = daemon.status()
+    assert status["pid"] == pid and status["resumed"]["by"] == "upgrade", status
+    assert daemon.worker_pid() == pid, "the holder saw its worker die"
+    record(sc, "ctl upgrade -> serving again", "vmemdev", took)
+    lab.resize_and_wait(768 * MiB, scenario=sc, label="512M->768M after the upgrade")
+    lab.resize_and_wait(256 * MiB, scenario=sc, label="768M->256M after the upgrade", timeout=600)
+    lab.check_step("256M after the upgrade", 256 * MiB)
+    assert pattern_hash(lab) == h1, "the pattern changed across the upgrade"
+    note(f"r4: `vmemdev ctl upgrade`: {rc.stdout.strip()!r} ({took:.2f} s with the ctl's own start); "
+         "then 512M -> 768M -> 256M, pattern kept")
+    check_qemu_clean(lab, "after the upgrade")
+
+
+def test_r5_a_corrupted_state_is_refused_and_nothing_is_discarded(lab):
+    sc = "r5: corrupted state at the restart"
+    lab.start("vmemdev", requested=512 * MiB, held=True, scenario=sc)
+    lab.wait_target(512 * MiB, t0=lab.guest.t_start, where="boot with 512M requested")
+    h1 = write_pattern(lab)
+    daemon = lab.device.daemon
+    lab.check_step("before", 512 * MiB)
+    a1 = allocated(lab.device.mem_path)
+    total = lab.memtotal()
+    daemon.state_path.write_text('{"format": 1, "engine": {"trunc')
+    kill_worker(lab)
+    try:
+        status = daemon.proc.wait(30)
+    except Exception:
+        lab.fail("vmemdev hold did not end after its worker refused the state")
+    assert status == 2, f"hold exited with {status}"
+    daemon.expected_exit = 2
+    log = daemon.log_text()
+    assert f"cannot resume the front-end's connection: {daemon.state_path}" in log, log[-2000:]
+    assert f"remove {daemon.state_path}" in log
+    lab.daemon_log_allow = re.compile(KILLED.pattern + r"|cannot resume the front-end's connection|"
+                                      r"exited with status 2 \(usage or state error\)")
+    # The guest lives on with all it had: its memory is QEMU's mapping, nothing was discarded.
+    assert lab.guest.alive()
+    assert lab.memtotal() == total
+    assert pattern_hash(lab) == h1
+    a2 = allocated(lab.device.mem_path)
+    assert a2 >= a1, f"memory was discarded: {mib(a1)} -> {mib(a2)}"
+    note(f"r5: a truncated state file: the successor refused it and exited 2 naming the file, `hold` "
+         f"ended; the guest kept MemTotal, its pattern and the region's {mib(a2)}")
