@@ -17,14 +17,18 @@ _WANTED = os.environ.get("VMEMDEV_CRASH_POINT", "")  # read once: set when the p
 
 
 def crash_point(name: str) -> None:
-    """Die here, as kill -9 would, if $VMEMDEV_CRASH_POINT is "NAME:MARKER" and
-    MARKER does not exist yet (it is created first: one crash, not a loop).
-    For the tests that kill the daemon at each step of a request."""
+    """Die here, as kill -9 would, if $VMEMDEV_CRASH_POINT is "POINTS:MARKER"
+    (POINTS: a name, several separated by commas, or "*" for all) and the
+    marker does not exist yet; it is created first: one crash, not a loop.
+    When MARKER is a directory the marker is MARKER/NAME, so a test arms a
+    point again by removing its file."""
     if not _WANTED:  # the usual case, on every request: nothing more
         return
-    point, _, marker = _WANTED.partition(":")
-    if point != name or not marker:
+    points, _, marker = _WANTED.partition(":")
+    if not marker or (points != "*" and name not in points.split(",")):
         return
+    if os.path.isdir(marker):
+        marker = os.path.join(marker, name)
     try:
         os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
