@@ -20,6 +20,7 @@ from vmemdev.protocol.virtio_mem import MemRequest, MemResponse, RequestType, Re
 from vmemdev.testing.guest import SimulatedLinuxGuest
 from vmemdev.virtio_mem.ceiling import boot_memory, default_reserve
 from vmemdev.virtio_mem.device import HostWork, VirtioMem
+from vmemdev.virtio_mem.memmap import movable_after
 from vmemdev.virtio_mem.model import Geometry
 from vmemdev.virtio_mem.rollback import RollbackDetector
 
@@ -31,6 +32,10 @@ MB = 128 * MiB  # a Linux memory block
 A = 1 << 32
 DATA = Path(__file__).parent / "data" / "memmap"
 TYPES = {t.name: t for t in RequestType}
+# Blocks a 512M guest adds, all with their memmap outside the region, before it is
+# called movable: 12 an auto-movable guest onlines movable first, its first kernel
+# block, one of slack (13 + 1 observed), and the one whose plug samples the last.
+SEEN_MOVABLE = movable_after(512 * MiB) + 1
 
 
 class Guest:
@@ -85,15 +90,16 @@ class Guest:
 
 
 def test_recorded_rollback_is_detected_with_its_retry():
-    g = Guest(memmap_rescue=None)  # as recorded: nothing lowered requested
+    g = Guest(boot=256 * MiB, memmap_rescue=None)  # as recorded: nothing lowered requested
     g.replay("rollback")
     failed = g.failures()
     assert [(f["addr"], f["size"], f["count"]) for f in failed] == [(0x130000000, MB, 1), (0x130000000, MB, 2)]
     assert failed[0]["seconds"] < 0.1 and "kernel memory" in failed[0]["cause"]
     assert g.dev.stats.hot_add_failures == 2
     assert g.dev.status()["hot_add_failures"]["total"] == 2
-    # six blocks added before it, none left 2 MiB in the region: the guest onlines movable
-    assert g.dev.placement.onlining == "movable"
+    # six blocks added before it, none left 2 MiB in the region: movable so far (an
+    # auto-movable guest of 256M onlines its first 6 blocks movable too)
+    assert g.dev.placement.onlining == "movable-so-far"
     assert g.dev.memmap_status()["charged_to_boot_memory"] == 6 * 2 * MiB
 
 
@@ -184,21 +190,38 @@ def test_kernel_zone_onlining_is_seen_in_the_region():
 
 
 def test_movable_onlining_leaves_the_region_untouched():
-    g = Guest()
+    g = Guest(region=4 * GiB)
     for k in range(3):
         g.add(k, memmap_in_region=False)
     assert g.dev.placement.onlining == "unknown"  # two blocks seen added: not enough
     g.add(3, memmap_in_region=False)
+    assert g.dev.placement.onlining == "movable-so-far"  # auto-movable starts like this too
+    for k in range(4, SEEN_MOVABLE):
+        g.add(k, memmap_in_region=False)
     m = g.dev.memmap_status()
     assert m["onlining"] == "movable" and m["held_in_region"] == 0
-    assert m["charged_to_boot_memory"] == 4 * 2 * MiB
+    assert m["charged_to_boot_memory"] == SEEN_MOVABLE * 2 * MiB
 
 
-def test_auto_movable_is_mixed_and_a_reboot_starts_over():
-    g = Guest(region=2 * GiB)
-    for k in range(8):
-        g.add(k, memmap_in_region=k >= 4)  # movable first, then kernel-zone blocks carry the rest
+def test_the_movable_verdict_waits_for_more_than_auto_movable_onlines_movable_first():
+    # ratio 301 %: 512M -> 12 blocks movable first, + its first kernel block, + 1 of slack
+    assert (movable_after(512 * MiB), movable_after(256 * MiB), movable_after(GiB)) == (14, 8, 26)
+    assert movable_after(64 * MiB) == movable_after(None) == 3  # never fewer than 3 blocks
+
+
+def test_auto_movable_is_mixed_never_capped_and_a_reboot_starts_over():
+    """As measured (512M, auto-movable, asked 32G): 12 blocks movable, the 13th
+    kernel-zone with its memmap still in boot memory, then the memmap in the region."""
+    g = Guest(region=32 * GiB, requested=32 * GiB)
+    for k in range(13):
+        g.add(k, memmap_in_region=False, grow=False)
+    assert g.dev.placement.onlining == "movable-so-far" and g.dev.memmap_status()["applies"] is False
+    for k in range(13, 20):
+        g.add(k, memmap_in_region=k >= 13, grow=False)  # from block 13 on, the memmap goes in block 12
     assert g.dev.placement.onlining == "mixed"
+    assert g.dev.requested_size == 32 * GiB and g.named("MEMMAP_CEILING_APPLIED") == []
+    g.dev.resize(30 * GiB)
+    g.dev.resize(32 * GiB)  # raising is not refused either
     assert g.request("UNPLUG_ALL") == "ACK"
     assert g.dev.placement.onlining == "unknown"
 
@@ -225,7 +248,7 @@ def test_boot_memory_is_the_table_outside_the_device_region():
 
 def movable_guest(**options) -> Guest:
     g = Guest(region=64 * GiB, **options)
-    for k in range(4):
+    for k in range(SEEN_MOVABLE):
         g.add(k, memmap_in_region=False)
     return g
 
@@ -238,7 +261,7 @@ def test_a_resize_above_the_ceiling_of_a_movable_guest_is_refused_with_the_numbe
     msg = str(exc.value)
     assert "memmap ceiling 16G" in msg and "boot memory 512M" in msg and "reserve 256M, the default" in msg
     assert "vmemdev ctl resize 32G --force" in msg
-    assert g.dev.requested_size == 4 * MB
+    assert g.dev.requested_size == SEEN_MOVABLE * MB
     g.dev.resize(16 * GiB)
     g.dev.resize(32 * GiB, force=True)
     g.dev.resize(24 * GiB)  # lowering is never refused
@@ -281,44 +304,46 @@ def test_without_a_front_end_there_is_no_boot_memory_and_no_ceiling():
 def test_a_movable_guest_asked_too_much_before_the_verdict_is_capped_at_the_ceiling():
     g = Guest(region=64 * GiB)
     g.dev.resize(32 * GiB)  # onlining still unknown: not refused
-    for k in range(3):
+    for k in range(SEEN_MOVABLE - 1):
         g.add(k, memmap_in_region=False, grow=False)
+    # movable so far: it may be auto-movable, which plugs all of it
     assert g.dev.requested_size == 32 * GiB and not g.dev.take_config_change()
-    g.add(3, memmap_in_region=False, grow=False)  # the third added block: "movable"
+    g.add(SEEN_MOVABLE - 1, memmap_in_region=False, grow=False)  # now "movable"
     assert g.dev.requested_size == 16 * GiB  # 64 x (512M - 256M)
     assert g.dev.take_config_change() and not g.dev.take_config_change()  # notify the driver once
     [cap] = g.named("MEMMAP_CEILING_APPLIED")
     assert (cap["requested_before"], cap["requested"], cap["ceiling"]) == (32 * GiB, 16 * GiB, 16 * GiB)
     assert "vmemdev ctl resize 32G --force" in cap["reason"] and "boot memory 512M" in cap["reason"]
     assert g.dev.memmap_status()["protection"]["caps"] == 1
-    for k in range(4, 8):  # the guest goes on adding, below the ceiling: nothing more happens
+    for k in range(SEEN_MOVABLE, SEEN_MOVABLE + 4):  # it goes on adding, below the ceiling: nothing more
         g.add(k, memmap_in_region=False, grow=False)
     assert len(g.named("MEMMAP_CEILING_APPLIED")) == 1 and g.dev.requested_size == 16 * GiB
 
 
 def test_the_requested_size_given_at_start_is_capped_too():
     g = Guest(region=64 * GiB, requested=40 * GiB)
-    for k in range(4):
+    for k in range(SEEN_MOVABLE):
         g.add(k, memmap_in_region=False, grow=False)
     assert g.dev.requested_size == 16 * GiB
 
 
 def test_the_cap_stops_the_guest_and_takes_nothing_back():
     g = Guest(region=8 * GiB, requested=4 * GiB, memmap_reserve=510 * MiB)  # ceiling 128M
-    for k in range(4):
+    for k in range(SEEN_MOVABLE):
         g.add(k, memmap_in_region=False, grow=False)
-    assert g.dev.requested_size == g.dev.plugged_size == 4 * MB
+    # (a ceiling below the auto-movable run is enforced only once the guest is past it)
+    assert g.dev.requested_size == g.dev.plugged_size == SEEN_MOVABLE * MB
 
 
 def test_a_forced_size_is_not_capped_until_the_operator_asks_again_unforced():
     g = Guest(region=64 * GiB)
     g.dev.resize(32 * GiB, force=True)
-    for k in range(4):
+    for k in range(SEEN_MOVABLE):
         g.add(k, memmap_in_region=False, grow=False)
     assert g.dev.requested_size == 32 * GiB and g.named("MEMMAP_CEILING_APPLIED") == []
     assert g.dev.memmap_status()["forced"] is True
     g.dev.resize(24 * GiB)  # lowering keeps the operator's decision
-    g.add(4, memmap_in_region=False, grow=False)
+    g.add(SEEN_MOVABLE, memmap_in_region=False, grow=False)
     assert g.dev.requested_size == 24 * GiB
     g.dev.resize(8 * GiB)
     g.dev.resize(12 * GiB)  # raised without --force: the ceiling counts again
@@ -340,9 +365,10 @@ def test_no_cap_for_kernel_zone_onlining_or_without_a_verdict(in_region):
 
 def test_rescue_on_the_recorded_rollback():
     """256M guest filled by a tmpfs: six blocks added, the seventh rolled back."""
-    g = Guest()
+    g = Guest(boot=256 * MiB)
     g.replay("rollback", until_failure=True)
-    assert g.dev.plugged_size == 6 * MB and g.dev.placement.onlining == "movable"
+    # movable so far is enough: whatever the policy, those six blocks' memmap is in boot memory
+    assert g.dev.plugged_size == 6 * MB and g.dev.placement.onlining == "movable-so-far"
     [rescue] = g.named("MEMMAP_RESCUE")
     # 32M of margin is 16 blocks; it had 6: all of them go, 12M of memmap comes back
     assert g.dev.requested_size == 0 and g.dev.take_config_change()
