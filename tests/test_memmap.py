@@ -2,8 +2,11 @@
 and the driver's rollback of a memory block it could not add.
 
 Sequences in tests/data/memmap/ were recorded from the real guest lab (QEMU
-11.1.3 TCG, Linux 7.2, onlining movable) with
+11.1.3 TCG, Linux 7.2, onlining movable; auto-movable.jsonl with
+memory_hotplug.online_policy=auto-movable) with
 tests/e2e/memmap/record_sequences.py; the *.notes.txt next to them say how.
+The newer ones also carry the region's host allocation at each request (what
+the placement observer samples) and the requested size each request found.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Guest:
         self.dev = VirtioMem(Geometry(A, region, block), requested, host=self.host, clock=lambda: self.now,
                              publish=lambda name, /, **data: self.events.append((name, data)), **options)
         self.dev.attach(FakeMemory([(0, boot), (A, region)]))
+        self._filled = A  # allocate_to fills the region from here up
 
     def request(self, kind: str, addr=0, nb=0) -> str:
         step = self.dev.begin(MemRequest(TYPES[kind], addr, nb).pack(), 10)
@@ -55,19 +59,41 @@ class Guest:
             step = self.dev.finish(step, step.run(self.host))
         return ResponseType(MemResponse.unpack(step).type).name
 
-    def replay(self, name: str, until_failure: bool = False) -> None:
+    def replay(self, name: str, until_failure: bool = False, force: bool = True, each=None) -> None:
         """Each recorded request at its recorded time, with the requested size it saw
-        (``until_failure``: stop after the first rollback: the rest was recorded
-        without the rescue)."""
+        and, where recorded, the region's host allocation (``until_failure``: stop
+        after the first rollback: the rest was recorded without the rescue).
+        Recordings with ``requested_before`` tell the operator's resizes (between
+        requests, made here with ``force``) from the daemon's own (within one):
+        the replayed daemon must make those itself. ``each(record)`` after each."""
         for line in (DATA / f"{name}.jsonl").read_text().splitlines():
-            if until_failure and self.failures():
-                return
             r = json.loads(line)
             self.now = r["t"]
-            if r["requested"] != self.dev.requested_size:
-                self.dev.resize(r["requested"], force=True)
+            asked = r.get("requested_before", r["requested"])
+            if asked != self.dev.requested_size:
+                self.dev.resize(asked, force=force)
+            if r["type"] == "PLUG" and r.get("allocated") is not None:
+                self.allocate_to(r["allocated"])
             assert self.request(r["type"], r["addr"], r["nb_blocks"]) == r["response"], r
             assert self.dev.plugged_size == r["plugged"], r
+            if until_failure and self.failures():
+                return
+            if "requested_before" in r:
+                assert self.dev.requested_size == r["requested"], r
+            if each is not None:
+                each(r)
+
+    def allocate_to(self, allocated: int) -> None:
+        """The region holds ``allocated`` bytes, as recorded: what the guest wrote
+        (its memmap) in blocks plugged before, lowest first."""
+        need = allocated - len(self.host.pages) * FakeHost.PAGE
+        for gpa, size in self.dev.model.plugged_ranges():
+            lo = max(gpa, self._filled)
+            take = min(need, gpa + size - lo)
+            if take > 0:
+                self.host.touch(lo, take)
+                self._filled = lo + take
+                need -= take
 
     def add(self, k: int, memmap_in_region: bool, grow: bool = True) -> None:
         """The driver plugs Linux memory block k whole; a kernel-zone guest's
@@ -110,6 +136,62 @@ def test_recorded_sequences_without_a_failed_add_do_not_trigger(name):
     g = Guest(block=256 * MiB if name == "bbm" else 2 * MiB)
     g.replay(name)
     assert g.failures() == [] and g.dev.stats.hot_add_failures == 0
+
+
+def records(name: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / f"{name}.jsonl").read_text().splitlines()]
+
+
+BOOT_512M = 524160 * 1024  # the lab guest's memory table outside the region: 512M less the hole below 1M
+
+
+def test_recorded_auto_movable_guest_is_never_capped_and_holds_its_memmap_in_the_region():
+    """512M, auto-movable, asked 32G (e2e m3): 12 blocks movable, the 13th kernel-zone
+    with its memmap still in boot memory, then every memmap in the region."""
+    g = Guest(region=32 * GiB, boot=BOOT_512M)
+    seen: list[str] = []
+    g.replay("auto-movable", force=False, each=lambda r: seen.append(g.dev.placement.onlining))
+    assert "movable" not in seen and seen.count("movable-so-far") == 11  # blocks 3..13 observed
+    assert g.named("MEMMAP_CEILING_APPLIED") == [] and g.failures() == []
+    assert g.dev.requested_size == g.dev.plugged_size == 32 * GiB
+    m = g.dev.memmap_status()
+    assert m["onlining"] == "mixed" and m["applies"] is False
+    assert (m["blocks_observed"]["memmap_outside"], m["blocks_observed"]["memmap_in_region"]) == (13, 242)
+    # about plugged/64 held in the region: all but the 13 blocks above and the last (not sampled yet)
+    assert m["held_in_region"] == 484 * MiB and m["charged_to_boot_memory"] == 14 * 2 * MiB
+    g.dev.resize(16 * GiB)
+    g.dev.resize(32 * GiB)  # no ceiling for it
+
+
+def test_recorded_tmpfs_filled_guest_is_detected_and_rescued_as_recorded():
+    """512M filled by a tmpfs to ~25 MiB of kernel memory, asked 8G (e2e m4): it adds
+    blocks until the next one fails; the daemon names the rollback and lowers requested
+    to 0 in the same request, as it did live; the guest then removes every block, which
+    is no rollback, and does not retry."""
+    g = Guest(region=8 * GiB, boot=BOOT_512M)
+    g.replay("tmpfs", force=False)  # asserts the replayed daemon lowers requested where it did
+    [failed] = g.failures()
+    [rescue] = g.named("MEMMAP_RESCUE")
+    assert failed["count"] == 1 and failed["seconds"] < 0.1
+    assert rescue["requested"] == 0 and rescue["memory_blocks_to_remove"] == rescue["plugged"] // MB
+    assert g.dev.plugged_size == 0 and g.dev.stats.hot_add_failures == 1
+
+
+def test_recorded_tmpfs_filled_guest_without_the_rescue_retries():
+    """The control run (`--memmap-rescue off`): the same failure, then the driver's retry 50 s later."""
+    g = Guest(region=8 * GiB, boot=BOOT_512M, memmap_rescue=None)
+    g.replay("tmpfs-norescue", force=False)
+    failed = g.failures()
+    addr = failed[0]["addr"]
+    assert [(f["count"], f["addr"]) for f in failed] == [(1, addr), (2, addr)]
+    assert g.named("MEMMAP_RESCUE") == [] and g.dev.requested_size == 8 * GiB
+    plugs = [r["t"] for r in records("tmpfs-norescue") if r["type"] == "PLUG" and r["addr"] == addr]
+    assert len(plugs) == 2 and 49 < plugs[1] - plugs[0] < 52  # the driver's retry timer: 50 s
+    # with the rescue on, the first of them is acted on
+    g = Guest(region=8 * GiB, boot=BOOT_512M)
+    g.replay("tmpfs-norescue", force=False, until_failure=True)
+    [rescue] = g.named("MEMMAP_RESCUE")
+    assert rescue["requested"] == 0
 
 
 # --- rollback detection on sequences built from the driver's behaviour -----------
