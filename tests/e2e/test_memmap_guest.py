@@ -1,21 +1,54 @@
 """Issue 14, part 6: the memmap limit in the real guest (QEMU 11.1 TCG, Linux 7.2).
 
-The lab's init onlines hot-added memory movable (tests/e2e/guest/init), the
-policy under which a guest pays the memmap of what it adds (2 MiB per
-128 MiB) from its boot memory and, measured (memmap.md), dies of memory
-exhaustion once it has added ~64 x its free kernel memory.
+The lab's init onlines hot-added memory movable unless the kernel command
+line says otherwise (tests/e2e/guest/init; a test passes kernel_args), and
+each test reads back what the guest does (auto_online_blocks, online_policy).
+Onlining movable, a guest pays the memmap of what it adds (2 MiB per 128 MiB)
+from its boot memory and, measured (memmap.md), dies of memory exhaustion
+once it has added ~64 x its free kernel memory.
 
-  m1  512M guest asked for 32G right after boot (onlining not yet seen):
+  m1  512M movable guest asked for 32G right after boot (onlining not yet seen):
       vmemdev caps it at its ceiling once it is seen onlining movable; two
       minutes later it forks and allocates, no OOM, no panic; >= 12G plugged
   m2  the same guest forced past the ceiling: it fails to add a block; the
-      rollback is named and the rescue asks it to remove 2G of what it added.
-      Whether it lives is what this test finds out (first run: it reached
-      23040M against 23048M predicted, removed 2048M in 5.9 s, and two
-      minutes later forked and allocated with 37.5 MiB of kernel memory free).
+      rollback is named and the rescue asks it to remove 2G of what it added;
+      two minutes later it forks and allocates
+  m3  the same guest with memhp_default_state=online
+      memory_hotplug.online_policy=auto-movable, asked for 32G: plugs all of
+      it, is never capped (its first 12 blocks are movable, like a movable
+      guest's: the daemon must not take that for movable), and `ctl
+      accounting` reports ~plugged/64 of memmap held in the region, checked
+      against the region file's allocation
+  m4  a movable 512M guest filled by a tmpfs to ~25 MiB of kernel memory,
+      asked for 8G: below its ceiling (the host cannot see the tmpfs), so the
+      rollback detection and the rescue must protect it: named by `ctl resize
+      --wait`, every block removed, its kernel memory back, no retry, and two
+      minutes later it forks, writes 8 MiB and takes 12 MiB of kernel memory
+      (tmpfs inodes: slab, which movable memory cannot hold) with no OOM
 
-Each run records the prediction (64 x free kernel memory, read from
-/proc/zoneinfo before plugging) against what the guest reached.
+Measured in the committed run (bench/results/e2e/memmap-report.txt; F = free
+kernel memory before plugging, prediction 64 x F):
+  m1  F 356.4 MiB (22809M): capped at 16380M, reached in 3.0 s, 100.8 MiB
+      left; alive and usable two minutes later
+  m2  F 356.1 MiB (22793M): reached 23040M, rolled back the next block 38 ms
+      after its PLUG, named 2.8 s after the resize; 2048M removed in 5.9 s,
+      37.4 MiB free then; alive and usable two minutes later
+  m3  32768M plugged in 2.7 s (Movable 24960M, Normal 7808M; 13 blocks'
+      memmap outside the region, 242 inside); memmap 512M, 484M held in the
+      region (the file: 487.2M), 28M charged to boot memory
+  m4  F 24.6 MiB (1577M): reached 1920M (15 blocks) before the 16th was
+      rolled back 24 ms after its PLUG, named 0.9 s after the resize; all
+      1920M removed in 6.6 s, 35.2 MiB free then; two minutes later 12.2 MiB
+      of kernel memory taken and given back, no OOM. Over four tmpfs runs
+      (this one and the three recordings in tests/data/memmap/: 1792M at
+      F 26.2, 1664M at F 26.3, 1792M at F 24.8) the guest reached 64 x F
+      - 20M to 64 x F + 343M.
+      Without the rescue (record_sequences.py tmpfs-norescue, notes in
+      tests/data/memmap/) the guest stayed at 1792M, retried at +50 s, and
+      panicked ("System is deadlocked on memory", in a vfork) at the next
+      command the host sent, 130 s after the resize; in an earlier control
+      run (1664M) it still forked and wrote 8 MiB at 130 s (that run had no
+      kernel-memory step).
 """
 
 from __future__ import annotations
