@@ -2,8 +2,11 @@
 and the driver's rollback of a memory block it could not add.
 
 Sequences in tests/data/memmap/ were recorded from the real guest lab (QEMU
-11.1.3 TCG, Linux 7.2, onlining movable) with
+11.1.3 TCG, Linux 7.2, onlining movable; auto-movable.jsonl with
+memory_hotplug.online_policy=auto-movable) with
 tests/e2e/memmap/record_sequences.py; the *.notes.txt next to them say how.
+The newer ones also carry the region's host allocation at each request (what
+the placement observer samples) and the requested size each request found.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from vmemdev.protocol.virtio_mem import MemRequest, MemResponse, RequestType, Re
 from vmemdev.testing.guest import SimulatedLinuxGuest
 from vmemdev.virtio_mem.ceiling import boot_memory, default_reserve
 from vmemdev.virtio_mem.device import HostWork, VirtioMem
+from vmemdev.virtio_mem.memmap import movable_after
 from vmemdev.virtio_mem.model import Geometry
 from vmemdev.virtio_mem.rollback import RollbackDetector
 
@@ -31,6 +35,10 @@ MB = 128 * MiB  # a Linux memory block
 A = 1 << 32
 DATA = Path(__file__).parent / "data" / "memmap"
 TYPES = {t.name: t for t in RequestType}
+# Blocks a 512M guest adds, all with their memmap outside the region, before it is
+# called movable: 12 an auto-movable guest onlines movable first, its first kernel
+# block, one of slack (13 + 1 observed), and the one whose plug samples the last.
+SEEN_MOVABLE = movable_after(512 * MiB) + 1
 
 
 class Guest:
@@ -43,6 +51,7 @@ class Guest:
         self.dev = VirtioMem(Geometry(A, region, block), requested, host=self.host, clock=lambda: self.now,
                              publish=lambda name, /, **data: self.events.append((name, data)), **options)
         self.dev.attach(FakeMemory([(0, boot), (A, region)]))
+        self._filled = A  # allocate_to fills the region from here up
 
     def request(self, kind: str, addr=0, nb=0) -> str:
         step = self.dev.begin(MemRequest(TYPES[kind], addr, nb).pack(), 10)
@@ -50,19 +59,41 @@ class Guest:
             step = self.dev.finish(step, step.run(self.host))
         return ResponseType(MemResponse.unpack(step).type).name
 
-    def replay(self, name: str, until_failure: bool = False) -> None:
+    def replay(self, name: str, until_failure: bool = False, force: bool = True, each=None) -> None:
         """Each recorded request at its recorded time, with the requested size it saw
-        (``until_failure``: stop after the first rollback: the rest was recorded
-        without the rescue)."""
+        and, where recorded, the region's host allocation (``until_failure``: stop
+        after the first rollback: the rest was recorded without the rescue).
+        Recordings with ``requested_before`` tell the operator's resizes (between
+        requests, made here with ``force``) from the daemon's own (within one):
+        the replayed daemon must make those itself. ``each(record)`` after each."""
         for line in (DATA / f"{name}.jsonl").read_text().splitlines():
-            if until_failure and self.failures():
-                return
             r = json.loads(line)
             self.now = r["t"]
-            if r["requested"] != self.dev.requested_size:
-                self.dev.resize(r["requested"], force=True)
+            asked = r.get("requested_before", r["requested"])
+            if asked != self.dev.requested_size:
+                self.dev.resize(asked, force=force)
+            if r["type"] == "PLUG" and r.get("allocated") is not None:
+                self.allocate_to(r["allocated"])
             assert self.request(r["type"], r["addr"], r["nb_blocks"]) == r["response"], r
             assert self.dev.plugged_size == r["plugged"], r
+            if until_failure and self.failures():
+                return
+            if "requested_before" in r:
+                assert self.dev.requested_size == r["requested"], r
+            if each is not None:
+                each(r)
+
+    def allocate_to(self, allocated: int) -> None:
+        """The region holds ``allocated`` bytes, as recorded: what the guest wrote
+        (its memmap) in blocks plugged before, lowest first."""
+        need = allocated - len(self.host.pages) * FakeHost.PAGE
+        for gpa, size in self.dev.model.plugged_ranges():
+            lo = max(gpa, self._filled)
+            take = min(need, gpa + size - lo)
+            if take > 0:
+                self.host.touch(lo, take)
+                self._filled = lo + take
+                need -= take
 
     def add(self, k: int, memmap_in_region: bool, grow: bool = True) -> None:
         """The driver plugs Linux memory block k whole; a kernel-zone guest's
@@ -85,15 +116,16 @@ class Guest:
 
 
 def test_recorded_rollback_is_detected_with_its_retry():
-    g = Guest(memmap_rescue=None)  # as recorded: nothing lowered requested
+    g = Guest(boot=256 * MiB, memmap_rescue=None)  # as recorded: nothing lowered requested
     g.replay("rollback")
     failed = g.failures()
     assert [(f["addr"], f["size"], f["count"]) for f in failed] == [(0x130000000, MB, 1), (0x130000000, MB, 2)]
     assert failed[0]["seconds"] < 0.1 and "kernel memory" in failed[0]["cause"]
     assert g.dev.stats.hot_add_failures == 2
     assert g.dev.status()["hot_add_failures"]["total"] == 2
-    # six blocks added before it, none left 2 MiB in the region: the guest onlines movable
-    assert g.dev.placement.onlining == "movable"
+    # six blocks added before it, none left 2 MiB in the region: movable so far (an
+    # auto-movable guest of 256M onlines its first 6 blocks movable too)
+    assert g.dev.placement.onlining == "movable-so-far"
     assert g.dev.memmap_status()["charged_to_boot_memory"] == 6 * 2 * MiB
 
 
@@ -104,6 +136,62 @@ def test_recorded_sequences_without_a_failed_add_do_not_trigger(name):
     g = Guest(block=256 * MiB if name == "bbm" else 2 * MiB)
     g.replay(name)
     assert g.failures() == [] and g.dev.stats.hot_add_failures == 0
+
+
+def records(name: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / f"{name}.jsonl").read_text().splitlines()]
+
+
+BOOT_512M = 524160 * 1024  # the lab guest's memory table outside the region: 512M less the hole below 1M
+
+
+def test_recorded_auto_movable_guest_is_never_capped_and_holds_its_memmap_in_the_region():
+    """512M, auto-movable, asked 32G (e2e m3): 12 blocks movable, the 13th kernel-zone
+    with its memmap still in boot memory, then every memmap in the region."""
+    g = Guest(region=32 * GiB, boot=BOOT_512M)
+    seen: list[str] = []
+    g.replay("auto-movable", force=False, each=lambda r: seen.append(g.dev.placement.onlining))
+    assert "movable" not in seen and seen.count("movable-so-far") == 11  # blocks 3..13 observed
+    assert g.named("MEMMAP_CEILING_APPLIED") == [] and g.failures() == []
+    assert g.dev.requested_size == g.dev.plugged_size == 32 * GiB
+    m = g.dev.memmap_status()
+    assert m["onlining"] == "mixed" and m["applies"] is False
+    assert (m["blocks_observed"]["memmap_outside"], m["blocks_observed"]["memmap_in_region"]) == (13, 242)
+    # about plugged/64 held in the region: all but the 13 blocks above and the last (not sampled yet)
+    assert m["held_in_region"] == 484 * MiB and m["charged_to_boot_memory"] == 14 * 2 * MiB
+    g.dev.resize(16 * GiB)
+    g.dev.resize(32 * GiB)  # no ceiling for it
+
+
+def test_recorded_tmpfs_filled_guest_is_detected_and_rescued_as_recorded():
+    """512M filled by a tmpfs to ~25 MiB of kernel memory, asked 8G (e2e m4): it adds
+    blocks until the next one fails; the daemon names the rollback and lowers requested
+    to 0 in the same request, as it did live; the guest then removes every block, which
+    is no rollback, and does not retry."""
+    g = Guest(region=8 * GiB, boot=BOOT_512M)
+    g.replay("tmpfs", force=False)  # asserts the replayed daemon lowers requested where it did
+    [failed] = g.failures()
+    [rescue] = g.named("MEMMAP_RESCUE")
+    assert failed["count"] == 1 and failed["seconds"] < 0.1
+    assert rescue["requested"] == 0 and rescue["memory_blocks_to_remove"] == rescue["plugged"] // MB
+    assert g.dev.plugged_size == 0 and g.dev.stats.hot_add_failures == 1
+
+
+def test_recorded_tmpfs_filled_guest_without_the_rescue_retries():
+    """The control run (`--memmap-rescue off`): the same failure, then the driver's retry 50 s later."""
+    g = Guest(region=8 * GiB, boot=BOOT_512M, memmap_rescue=None)
+    g.replay("tmpfs-norescue", force=False)
+    failed = g.failures()
+    addr = failed[0]["addr"]
+    assert [(f["count"], f["addr"]) for f in failed] == [(1, addr), (2, addr)]
+    assert g.named("MEMMAP_RESCUE") == [] and g.dev.requested_size == 8 * GiB
+    plugs = [r["t"] for r in records("tmpfs-norescue") if r["type"] == "PLUG" and r["addr"] == addr]
+    assert len(plugs) == 2 and 49 < plugs[1] - plugs[0] < 52  # the driver's retry timer: 50 s
+    # with the rescue on, the first of them is acted on
+    g = Guest(region=8 * GiB, boot=BOOT_512M)
+    g.replay("tmpfs-norescue", force=False, until_failure=True)
+    [rescue] = g.named("MEMMAP_RESCUE")
+    assert rescue["requested"] == 0
 
 
 # --- rollback detection on sequences built from the driver's behaviour -----------
@@ -184,21 +272,38 @@ def test_kernel_zone_onlining_is_seen_in_the_region():
 
 
 def test_movable_onlining_leaves_the_region_untouched():
-    g = Guest()
+    g = Guest(region=4 * GiB)
     for k in range(3):
         g.add(k, memmap_in_region=False)
     assert g.dev.placement.onlining == "unknown"  # two blocks seen added: not enough
     g.add(3, memmap_in_region=False)
+    assert g.dev.placement.onlining == "movable-so-far"  # auto-movable starts like this too
+    for k in range(4, SEEN_MOVABLE):
+        g.add(k, memmap_in_region=False)
     m = g.dev.memmap_status()
     assert m["onlining"] == "movable" and m["held_in_region"] == 0
-    assert m["charged_to_boot_memory"] == 4 * 2 * MiB
+    assert m["charged_to_boot_memory"] == SEEN_MOVABLE * 2 * MiB
 
 
-def test_auto_movable_is_mixed_and_a_reboot_starts_over():
-    g = Guest(region=2 * GiB)
-    for k in range(8):
-        g.add(k, memmap_in_region=k >= 4)  # movable first, then kernel-zone blocks carry the rest
+def test_the_movable_verdict_waits_for_more_than_auto_movable_onlines_movable_first():
+    # ratio 301 %: 512M -> 12 blocks movable first, + its first kernel block, + 1 of slack
+    assert (movable_after(512 * MiB), movable_after(256 * MiB), movable_after(GiB)) == (14, 8, 26)
+    assert movable_after(64 * MiB) == movable_after(None) == 3  # never fewer than 3 blocks
+
+
+def test_auto_movable_is_mixed_never_capped_and_a_reboot_starts_over():
+    """As measured (512M, auto-movable, asked 32G): 12 blocks movable, the 13th
+    kernel-zone with its memmap still in boot memory, then the memmap in the region."""
+    g = Guest(region=32 * GiB, requested=32 * GiB)
+    for k in range(13):
+        g.add(k, memmap_in_region=False, grow=False)
+    assert g.dev.placement.onlining == "movable-so-far" and g.dev.memmap_status()["applies"] is False
+    for k in range(13, 20):
+        g.add(k, memmap_in_region=k >= 13, grow=False)  # from block 13 on, the memmap goes in block 12
     assert g.dev.placement.onlining == "mixed"
+    assert g.dev.requested_size == 32 * GiB and g.named("MEMMAP_CEILING_APPLIED") == []
+    g.dev.resize(30 * GiB)
+    g.dev.resize(32 * GiB)  # raising is not refused either
     assert g.request("UNPLUG_ALL") == "ACK"
     assert g.dev.placement.onlining == "unknown"
 
@@ -225,7 +330,7 @@ def test_boot_memory_is_the_table_outside_the_device_region():
 
 def movable_guest(**options) -> Guest:
     g = Guest(region=64 * GiB, **options)
-    for k in range(4):
+    for k in range(SEEN_MOVABLE):
         g.add(k, memmap_in_region=False)
     return g
 
@@ -238,7 +343,7 @@ def test_a_resize_above_the_ceiling_of_a_movable_guest_is_refused_with_the_numbe
     msg = str(exc.value)
     assert "memmap ceiling 16G" in msg and "boot memory 512M" in msg and "reserve 256M, the default" in msg
     assert "vmemdev ctl resize 32G --force" in msg
-    assert g.dev.requested_size == 4 * MB
+    assert g.dev.requested_size == SEEN_MOVABLE * MB
     g.dev.resize(16 * GiB)
     g.dev.resize(32 * GiB, force=True)
     g.dev.resize(24 * GiB)  # lowering is never refused
@@ -281,44 +386,46 @@ def test_without_a_front_end_there_is_no_boot_memory_and_no_ceiling():
 def test_a_movable_guest_asked_too_much_before_the_verdict_is_capped_at_the_ceiling():
     g = Guest(region=64 * GiB)
     g.dev.resize(32 * GiB)  # onlining still unknown: not refused
-    for k in range(3):
+    for k in range(SEEN_MOVABLE - 1):
         g.add(k, memmap_in_region=False, grow=False)
+    # movable so far: it may be auto-movable, which plugs all of it
     assert g.dev.requested_size == 32 * GiB and not g.dev.take_config_change()
-    g.add(3, memmap_in_region=False, grow=False)  # the third added block: "movable"
+    g.add(SEEN_MOVABLE - 1, memmap_in_region=False, grow=False)  # now "movable"
     assert g.dev.requested_size == 16 * GiB  # 64 x (512M - 256M)
     assert g.dev.take_config_change() and not g.dev.take_config_change()  # notify the driver once
     [cap] = g.named("MEMMAP_CEILING_APPLIED")
     assert (cap["requested_before"], cap["requested"], cap["ceiling"]) == (32 * GiB, 16 * GiB, 16 * GiB)
     assert "vmemdev ctl resize 32G --force" in cap["reason"] and "boot memory 512M" in cap["reason"]
     assert g.dev.memmap_status()["protection"]["caps"] == 1
-    for k in range(4, 8):  # the guest goes on adding, below the ceiling: nothing more happens
+    for k in range(SEEN_MOVABLE, SEEN_MOVABLE + 4):  # it goes on adding, below the ceiling: nothing more
         g.add(k, memmap_in_region=False, grow=False)
     assert len(g.named("MEMMAP_CEILING_APPLIED")) == 1 and g.dev.requested_size == 16 * GiB
 
 
 def test_the_requested_size_given_at_start_is_capped_too():
     g = Guest(region=64 * GiB, requested=40 * GiB)
-    for k in range(4):
+    for k in range(SEEN_MOVABLE):
         g.add(k, memmap_in_region=False, grow=False)
     assert g.dev.requested_size == 16 * GiB
 
 
 def test_the_cap_stops_the_guest_and_takes_nothing_back():
     g = Guest(region=8 * GiB, requested=4 * GiB, memmap_reserve=510 * MiB)  # ceiling 128M
-    for k in range(4):
+    for k in range(SEEN_MOVABLE):
         g.add(k, memmap_in_region=False, grow=False)
-    assert g.dev.requested_size == g.dev.plugged_size == 4 * MB
+    # (a ceiling below the auto-movable run is enforced only once the guest is past it)
+    assert g.dev.requested_size == g.dev.plugged_size == SEEN_MOVABLE * MB
 
 
 def test_a_forced_size_is_not_capped_until_the_operator_asks_again_unforced():
     g = Guest(region=64 * GiB)
     g.dev.resize(32 * GiB, force=True)
-    for k in range(4):
+    for k in range(SEEN_MOVABLE):
         g.add(k, memmap_in_region=False, grow=False)
     assert g.dev.requested_size == 32 * GiB and g.named("MEMMAP_CEILING_APPLIED") == []
     assert g.dev.memmap_status()["forced"] is True
     g.dev.resize(24 * GiB)  # lowering keeps the operator's decision
-    g.add(4, memmap_in_region=False, grow=False)
+    g.add(SEEN_MOVABLE, memmap_in_region=False, grow=False)
     assert g.dev.requested_size == 24 * GiB
     g.dev.resize(8 * GiB)
     g.dev.resize(12 * GiB)  # raised without --force: the ceiling counts again
@@ -340,9 +447,10 @@ def test_no_cap_for_kernel_zone_onlining_or_without_a_verdict(in_region):
 
 def test_rescue_on_the_recorded_rollback():
     """256M guest filled by a tmpfs: six blocks added, the seventh rolled back."""
-    g = Guest()
+    g = Guest(boot=256 * MiB)
     g.replay("rollback", until_failure=True)
-    assert g.dev.plugged_size == 6 * MB and g.dev.placement.onlining == "movable"
+    # movable so far is enough: whatever the policy, those six blocks' memmap is in boot memory
+    assert g.dev.plugged_size == 6 * MB and g.dev.placement.onlining == "movable-so-far"
     [rescue] = g.named("MEMMAP_RESCUE")
     # 32M of margin is 16 blocks; it had 6: all of them go, 12M of memmap comes back
     assert g.dev.requested_size == 0 and g.dev.take_config_change()

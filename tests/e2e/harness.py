@@ -406,6 +406,7 @@ class Lab:
         self.base_kb: int | None = None
         self.kind = "?"
         self.maxmem = "8G"
+        self.kernel_args: tuple[str, ...] = ()
         self.boots = 0
         self._in_context = False
         self.daemon_log_allow: re.Pattern | None = None  # error lines a test caused on purpose
@@ -448,7 +449,7 @@ class Lab:
             *([] if reboot else ["-no-reboot"]),
             "-m", f"{ram},maxmem={self.maxmem},slots=2",
             "-kernel", info["kernel"], "-initrd", info["initrd"],
-            "-append", info["kernel_cmdline"],
+            "-append", " ".join([info["kernel_cmdline"], *self.kernel_args]),
             "-object", f"memory-backend-memfd,id=ram,size={ram},share=on",
             "-machine", "memory-backend=ram",
             *self.device.qemu_args(),
@@ -456,13 +457,17 @@ class Lab:
 
     def start(self, kind: str = "vmemdev", *, ram: str = "512M", requested: int = 0,
               reboot: bool = False, daemon_args: tuple[str, ...] = (), scenario: str | None = None,
-              qemu_cgroup: str | None = None, region: str = "1G", held: bool = False,
-              daemon_env: dict[str, str] | None = None):
+              qemu_cgroup: str | None = None, region: str = "1G", kernel_args: tuple[str, ...] = (),
+              held: bool = False, daemon_env: dict[str, str] | None = None):
         """Start the device and boot the guest; wait for the driver to probe.
         With qemu_cgroup (a cgroup v1 directory) QEMU starts inside it.
         ``region``: the device region (vmemdev only; a sparse shm file).
+        ``kernel_args``: appended to the lab's kernel command line (e.g.
+        memhp_default_state=online: the lab's init then leaves the onlining
+        to the command line; see online_settings).
         ``held``: vmemdev under `vmemdev hold` with a state file (Daemon)."""
         self.kind = kind
+        self.kernel_args = tuple(kernel_args)
         self.qemu_cgroup = qemu_cgroup
         region_gib = -(-parse_size(region) // GiB)
         self.maxmem = f"{max(8, region_gib + 2)}G"
@@ -557,6 +562,16 @@ class Lab:
     def vmstat(self) -> dict[str, int]:
         out = self.check("cat /proc/vmstat")
         return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\S+) (\d+)$", out, re.M)}
+
+    def online_settings(self) -> dict[str, str]:
+        """How the guest onlines hot-added memory, read in the guest: sysfs's
+        auto_online_blocks and memory_hotplug's online_policy now, and what
+        the lab's init did about it."""
+        out = self.check("cat /sys/devices/system/memory/auto_online_blocks; "
+                         "cat /sys/module/memory_hotplug/parameters/online_policy 2>/dev/null || echo -; "
+                         "grep -E 'auto_online_blocks|online_policy' /run/guestlab/init.log")
+        aob, policy, *init = out.strip().splitlines()
+        return {"auto_online_blocks": aob.strip(), "online_policy": policy.strip(), "init": "; ".join(init)}
 
     def memtotal(self) -> int:
         return self.meminfo()["MemTotal"]

@@ -66,6 +66,8 @@ def human_status(s: dict) -> str:
 ONLINING = {
     "movable": "movable (no memmap appeared in the region as blocks were added)",
     "kernel": "kernel zone (2M of memmap appeared in the region per block added)",
+    "movable-so-far": ("movable so far (no memmap appeared in the region yet, but an auto-movable guest "
+                       "onlines its first ~3 x boot memory movable too: no ceiling yet)"),
     "mixed": "mixed, as auto-movable does (memmap in the region for some blocks)",
     "unknown": "unknown (too few memory blocks added since the guest's driver probed)",
 }

@@ -32,7 +32,7 @@ from .accounting import Footprint, footprint, memmap_report
 from .ceiling import MemmapCeiling, boot_memory
 from .headroom import Assessment, HeadroomRule, Unallocated
 from .limits import MEMORY_HIGH, MEMORY_MAX, Limits
-from .memmap import PlacementObserver, memory_blocks_used, opens_memory_blocks
+from .memmap import PlacementObserver, memory_blocks_used, movable_after, opens_memory_blocks
 from .model import BUSY, NACK, Answer, Geometry, Plug, Unplug, UnplugAll, VirtioMemModel
 from .protection import DEFAULT_RESCUE_MARGIN, Protection, cap_target, rescue_applies, rescue_target
 from .rollback import RollbackDetector
@@ -561,6 +561,7 @@ class VirtioMem:
             if opened and not self.prealloc and self.observe_memmap:
                 allocated = self._region_allocated()
                 if allocated is not None:
+                    self.placement.movable_after = movable_after(self.boot_memory())
                     self.placement.sample(memory_blocks_used(self.model), allocated)
                 self._cap()
             return

@@ -13,6 +13,16 @@ grows by nothing.
 guest plugs into an empty memory block (by then it has added and onlined
 every earlier block) with the region's allocation, and counts, per block
 added, whether ~2 MiB appeared in the region. No I/O: the caller measures.
+
+Auto-movable onlining (``memory_hotplug.online_policy=auto-movable``) onlines
+added memory movable as long as movable ≤ 301 % of the kernel memory, so its
+first ~3 × boot memory looks exactly like a movable guest (measured with
+512 MiB of boot memory: 12 blocks movable, then the 13th, kernel-zone, still
+with its memmap in boot memory, and from then on the memmap in the region).
+A guest is called movable only once it added more than that with nothing
+in the region; before, it is movable so far: its recent blocks' memmap did
+come from boot memory (what the rescue needs), but it may still turn out
+mixed (so no ceiling yet).
 """
 
 from __future__ import annotations
@@ -31,7 +41,23 @@ IN_REGION_THRESHOLD = MEMMAP_PER_MEMORY_BLOCK // 2
 # boot memory whatever the policy (nothing of the region is online yet).
 MIN_OBSERVED = 3
 
+# Linux's default memory_hotplug.auto_movable_ratio (percent): an auto-movable
+# guest onlines movable while movable <= ratio x kernel memory.
+AUTO_MOVABLE_RATIO = 301
+
 KERNEL, MOVABLE, MIXED, UNKNOWN = "kernel", "movable", "mixed", "unknown"
+MOVABLE_SO_FAR = "movable-so-far"  # all outside, but no more than auto-movable puts movable first
+
+
+def movable_after(boot: int | None) -> int:
+    """Blocks seen with their memmap outside the region before a guest with
+    ``boot`` of boot memory is called movable: the movable run an auto-movable
+    guest starts with, its first kernel-zone block (whose memmap still comes
+    from boot memory), and one block of slack for the kernel's own count of
+    its memory (a little less than the memory table's)."""
+    if boot is None:
+        return MIN_OBSERVED
+    return max(MIN_OBSERVED, AUTO_MOVABLE_RATIO * boot // 100 // LINUX_MEMORY_BLOCK + 2)
 
 
 def memory_blocks(model: VirtioMemModel, addr: int, size: int) -> range:
@@ -70,6 +96,7 @@ class PlacementObserver:
     blocks_in_region: int = 0  # added blocks whose memmap appeared in the region
     blocks_outside: int = 0  # added blocks whose memmap did not
     held_in_region: int = 0  # bytes of memmap seen appearing in the region
+    movable_after: int = MIN_OBSERVED  # see movable_after(): set from the guest's boot memory
     _last: tuple[int, int] | None = None  # (memory blocks used, allocated) at the last sample
 
     def sample(self, blocks_used: int, allocated: int) -> None:
@@ -98,12 +125,12 @@ class PlacementObserver:
 
     @property
     def onlining(self) -> str:
-        """kernel, movable, mixed (auto-movable does this), or unknown."""
+        """kernel, movable, movable-so-far, mixed (auto-movable does this), or unknown."""
         seen = self.blocks_in_region + self.blocks_outside
         if seen < MIN_OBSERVED:
             return UNKNOWN
         if self.blocks_in_region == 0:
-            return MOVABLE
+            return MOVABLE if self.blocks_outside >= self.movable_after else MOVABLE_SO_FAR
         if self.blocks_outside <= 1:
             return KERNEL
         return MIXED

@@ -19,12 +19,17 @@ size is lowered by 64 × ``margin`` below what is plugged (rounded down to a
 whole memory block), which asks the guest to remove ``margin / 2 MiB`` of
 the blocks it added last, and, requested now below plugged, stops the
 driver's retry timer. It applies to the first rollback after any resize,
-forced or not: the guest is failing either way. Only for a guest seen
-onlining movable: a kernel-zone or mixed (auto-movable) guest puts the
-memmap in what it adds, so removing blocks gives back little or no boot
-memory; and while the onlining is unknown (fewer than 3 blocks added since
-the probe, or --prealloc) a plug undone at once is weaker evidence. Those
-rollbacks are reported (HOT_ADD_FAILED), not acted on.
+forced or not: the guest is failing either way. Only for a guest whose
+added blocks all had their memmap outside the region (movable, or movable
+so far: an auto-movable guest's first blocks are movable too, and removing
+them gives back boot memory just the same): a kernel-zone or mixed guest
+puts the memmap in what it adds, so removing blocks gives back little or no
+boot memory; and while the onlining is unknown (fewer than 3 blocks added
+since the probe, or --prealloc) a plug undone at once is weaker evidence.
+Those rollbacks are reported (HOT_ADD_FAILED), not acted on. The cap is
+only for a guest called movable (memmap.py: past an auto-movable guest's
+first movable run): capping a movable-so-far guest would stop an
+auto-movable one that can plug all of it.
 
 No I/O: the device calls these and publishes what it did.
 """
@@ -36,7 +41,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..sizes import format_size as fs
-from .memmap import LINUX_MEMORY_BLOCK, MEMMAP_PER_MEMORY_BLOCK, MOVABLE
+from .memmap import LINUX_MEMORY_BLOCK, MEMMAP_PER_MEMORY_BLOCK, MOVABLE, MOVABLE_SO_FAR
 from .model import Geometry
 
 MiB = 1 << 20
@@ -52,7 +57,7 @@ def cap_target(requested: int, plugged: int, ceiling: int, onlining: str, forced
 
 
 def rescue_applies(onlining: str) -> bool:
-    return onlining == MOVABLE
+    return onlining in (MOVABLE, MOVABLE_SO_FAR)
 
 
 def rescue_target(plugged: int, margin: int, geometry: Geometry) -> int:

@@ -14,6 +14,17 @@ recording_vmemdev.py):
   ordinary  512M boot RAM, with reboot: 0 -> 512M -> 128M -> 384M, then
             `reboot -f` with 384M plugged (UNPLUG_ALL at probe, plugs again)
   bbm       --block-size 256M (the driver's big-block mode): 0 -> 768M -> 256M -> 0
+  auto-movable  512M boot RAM, memhp_default_state=online
+            memory_hotplug.online_policy=auto-movable, 32G region, resize 32G
+            (forced, so that what is recorded is the guest's, whatever the
+            daemon's policy): it plugs all of it, the memmap of most blocks in
+            the region (the ``allocated`` of each line shows where)
+  tmpfs     512M boot RAM filled by a tmpfs until ~25 MiB of kernel memory are
+            free (m4 of test_memmap_guest.py), 8G region, resize 8G with the
+            daemon's defaults (rescue on); watched for 70 s
+  tmpfs-norescue  the same with `--memmap-rescue off` (the control: what the
+            rescue spares the guest); watched for 130 s, then m4's workloads
+            (forks, 8 MiB written, 12 MiB of kernel memory) and its OOM/panic lines
 
 Writes DIR/SCENARIO.jsonl (one answered request per line, see
 recording_vmemdev.py) and DIR/SCENARIO.notes.txt (what was done, the guest's
@@ -31,9 +42,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 from tests.e2e import harness  # noqa: E402
+from tests.e2e.test_memmap_guest import (  # noqa: E402
+    AUTO_MOVABLE,
+    fill_kernel_memory,
+    guest_alive_and_clean,
+    kernel_free,
+)
 
 MiB = harness.MiB
 DEFAULT_OUT = HERE.parents[1] / "data" / "memmap"
+STARTED: list[harness.Lab] = []
 
 
 def start(name: str, out: Path, **kw) -> harness.Lab:
@@ -45,12 +63,15 @@ def start(name: str, out: Path, **kw) -> harness.Lab:
     wrapper.chmod(0o755)
     os.environ["VMEMDEV_E2E_BIN"] = str(wrapper)
     lab = harness.Lab(harness.guestlab_info(), f"record-{name}")
+    STARTED.append(lab)  # closed by main() even when the scenario fails half-way
     lab.start("vmemdev", **kw)
     return lab
 
 
 def guest_lines(lab: harness.Lab) -> str:
-    if lab.guest is None or not lab.guest.alive():
+    if lab.guest is None:
+        return "(no guest)"
+    if not lab.guest.alive():
         return "(guest not running)\n" + harness.console_tail(lab.guest.console_log, 40)
     try:
         st, out = lab.guest.run("dmesg | grep -iE 'virtio_mem|memory|oom|vmemmap|add_pages' | tail -n 60",
@@ -98,7 +119,53 @@ def bbm(out: Path, notes: list[str]) -> harness.Lab:
     return lab
 
 
-SCENARIOS = {"rollback": rollback, "ordinary": ordinary, "bbm": bbm}
+def auto_movable(out: Path, notes: list[str]) -> harness.Lab:
+    lab = start("auto-movable", out, ram="512M", region="32G", kernel_args=AUTO_MOVABLE)
+    notes.append(f"guest onlining: {lab.online_settings()}; kernel free {kernel_free(lab) / MiB:.1f} MiB")
+    lab.device.daemon.execute("resize", size=32 << 30, force=True)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 300:
+        plugged, requested = lab.device.sizes()
+        if plugged == requested:
+            break
+        time.sleep(0.5)
+    notes.append(f"after {time.monotonic() - t0:.1f} s: plugged {harness.mib(plugged)} of requested "
+                 f"{harness.mib(requested)}; region allocated {harness.mib(harness.allocated(lab.device.mem_path))}")
+    return lab
+
+
+def tmpfs(out: Path, notes: list[str], name: str = "tmpfs", watch: float = 70,
+          daemon_args: tuple[str, ...] = ()) -> harness.Lab:
+    lab = start(name, out, ram="512M", region="8G", daemon_args=daemon_args)
+    free = fill_kernel_memory(lab, 25 * MiB)
+    notes.append(f"guest onlining: {lab.online_settings()}; tmpfs filled: kernel free {free / MiB:.1f} MiB, "
+                 f"64 x F = {harness.mib(64 * free)}")
+    lab.device.resize(8 << 30)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < watch:
+        time.sleep(1)
+    plugged, requested = lab.device.sizes()
+    notes.append(f"after {watch:.0f} s: plugged {harness.mib(plugged)} of requested {harness.mib(requested)}, "
+                 f"hot-add failures {lab.device.daemon.status()['hot_add_failures']['total']}")
+    return lab
+
+
+def tmpfs_norescue(out: Path, notes: list[str]) -> harness.Lab:
+    lab = tmpfs(out, notes, "tmpfs-norescue", 130, ("--memmap-rescue", "off"))
+    try:
+        notes.append(f"kernel free then {kernel_free(lab) / MiB:.1f} MiB")
+    except AssertionError as exc:  # the agent's shell could not even fork: what was seen in the guest
+        notes.append(f"the guest did not answer: {exc}")
+        return lab
+    alive, evidence = guest_alive_and_clean(lab, "130 s after the resize, rescue off", alloc_mib=8,
+                                            kmem_mib=12)
+    notes.append(f"m4's workloads then (8 MiB dd, 12 MiB of kernel memory): "
+                 f"{'alive and usable' if alive else 'NOT usable'}: {evidence[:3000]}")
+    return lab
+
+
+SCENARIOS = {"rollback": rollback, "ordinary": ordinary, "bbm": bbm, "auto-movable": auto_movable,
+             "tmpfs": tmpfs, "tmpfs-norescue": tmpfs_norescue}
 
 
 def main() -> int:
@@ -110,14 +177,14 @@ def main() -> int:
     status = 0
     for name in args.scenarios:
         notes = [f"scenario {name}: {SCENARIOS[name].__doc__ or ''}".strip()]
-        lab = None
         try:
-            lab = SCENARIOS[name](args.out, notes)
+            SCENARIOS[name](args.out, notes)
         except Exception as exc:
             notes.append(f"FAILED: {exc}")
             status = 1
         finally:
-            if lab is not None:
+            while STARTED:
+                lab = STARTED.pop()
                 notes.append("--- guest dmesg (virtio_mem, memory, oom) ---\n" + guest_lines(lab))
                 lab.close(keep=True)
                 notes.append(f"work directory: {lab.workdir}")
