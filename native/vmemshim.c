@@ -6,8 +6,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <linux/kcmp.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -94,6 +96,16 @@ int vmem_fallocate(int fd, uint64_t offset, uint64_t length)
     if (length == 0)
         return 0;
     return RETRY(fallocate(fd, 0, (off_t)offset, (off_t)length));
+}
+
+int vmem_same_file(int a, int b)
+{
+    pid_t pid = getpid();
+    long r = syscall(SYS_kcmp, pid, pid, KCMP_FILE, (unsigned long)a, (unsigned long)b);
+
+    if (r < 0)
+        return -errno;
+    return r == 0;
 }
 
 int64_t vmem_allocated_bytes(int fd)

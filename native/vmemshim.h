@@ -29,6 +29,9 @@ int64_t vmem_allocated_bytes(int fd);
  * fd's file position. */
 int vmem_data_extents(int fd, uint64_t start, uint64_t end,
                       uint64_t *out_pairs, size_t max_pairs, size_t *n_out);
+/* 1 if fds a and b of this process share one open file description
+ * (kcmp(2) KCMP_FILE), 0 if not; -errno (-ENOSYS without CONFIG_KCMP). */
+int vmem_same_file(int a, int b);
 /* Number of resident pages in [addr, addr + length); addr page-aligned. */
 int vmem_mincore_resident(uint64_t addr, uint64_t length, uint64_t *resident_pages);
 

@@ -158,3 +158,55 @@ def test_journal_aware_and_json_logs(tmp_path):
     records = [json.loads(l) for l in proc.stderr.read().splitlines()]
     assert records and all(r["instance"] == "web1" for r in records)
     assert any(r["msg"] == "received SIGTERM, exiting" for r in records)
+
+
+def test_fds_of_one_file_are_stored_once_and_handed_back_under_each_name(monkeypatch):
+    """systemd's fd store keeps one fd per open file (same_fd(): kcmp): QEMU's
+    RAM memfd, sent once per memory region, would lose every region but the
+    first. So such fds go once as "mem0+mem1", and a successor gets each name back."""
+    from vmemdev.daemon import systemd as sd
+    from vmemdev.daemon.holder import FdStore
+
+    ram = os.memfd_create("ram")
+    second_region = os.dup(ram)  # what a second SCM_RIGHTS copy of one fd is: the same open file
+    other_ram = os.memfd_create("ram")  # the same name, another file
+    kick, call = os.eventfd(0), os.eventfd(0)  # eventfds share one inode, not one file
+    fds = {"mem0": ram, "mem1": second_region, "mem2": other_ram, "call0": call}
+    groups = sd.group_same_files(fds)
+    assert [names for names, _ in groups] == [["mem0", "mem1"], ["mem2"], ["call0"]]
+    assert sd.same_file(ram, second_region) and not sd.same_file(ram, other_ram) and not sd.same_file(kick, call)
+    # `vmemdev hold` keeps one fd per file, as systemd does.
+    store = FdStore()
+    store.store("mem0", [os.dup(ram)])
+    store.store("mem1", [os.dup(second_region)])
+    store.store("kick0", [os.dup(kick)])
+    store.store("call0", [os.dup(call)])
+    assert [name for name, _ in store.entries] == ["mem0", "kick0", "call0"]
+    store.close()
+    # A successor: "mem0+mem1" gives both names, each its own fd of the one file.
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    monkeypatch.setenv("LISTEN_FDNAMES", "mem0+mem1")
+    saved = os.dup(3) if _fd_open(3) else None
+    try:
+        os.dup2(ram, 3, inheritable=True)
+        got = sd.listen_fds()
+        assert set(got) == {"mem0", "mem1"} and got["mem0"] == 3 and got["mem1"] != 3
+        assert sd.same_file(got["mem0"], got["mem1"]) and not os.get_inheritable(got["mem1"])
+        os.close(got["mem1"])
+    finally:
+        if saved is not None:
+            os.dup2(saved, 3)
+            os.close(saved)
+        else:
+            os.close(3)
+        for fd in (ram, second_region, other_ram, kick, call):
+            os.close(fd)
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False

@@ -5,7 +5,9 @@ service survive its own crash: the worker stores fds with sd_notify
 (``FDSTORE=1`` and ``FDNAME=NAME``, ``FDSTOREREMOVE=1``; the systemd.service
 file descriptor store), and when it dies of anything but a clean exit the
 holder starts it again with those fds, as systemd passes them:
-``LISTEN_FDS``, ``LISTEN_FDNAMES``, ``LISTEN_PID``, fds from 3 up.
+``LISTEN_FDS``, ``LISTEN_FDNAMES``, ``LISTEN_PID``, fds from 3 up. Like
+systemd (same_fd() in its fd store), it keeps one fd per open file: an fd of
+a file it holds already is closed, not stored, whatever its name.
 
 The holder is the process that must not die, so it does as little as
 possible: it reads only its own worker's notify datagrams (a socket in a
@@ -31,6 +33,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .systemd import same_file
+
 log = logging.getLogger(__name__)
 
 MAX_STORED = 64  # like FileDescriptorStoreMax=
@@ -50,7 +54,11 @@ class FdStore:
     def store(self, name: str, fds: Sequence[int]) -> None:
         self.remove(name)
         for fd in fds:
-            if len(self.entries) >= self.max_fds:
+            kept = next((n for n, f in self.entries if same_file(f, fd)), None)
+            if kept is not None:  # as systemd: one fd per open file, whatever its name
+                log.debug("fd for %r is a file already stored as %r: closed, not kept", name, kept)
+                os.close(fd)
+            elif len(self.entries) >= self.max_fds:
                 log.error("fd store full (%d): fd for %r closed, not kept", self.max_fds, name)
                 os.close(fd)
             else:

@@ -80,12 +80,16 @@ class ConnectionKeeper:
 
     def keep_fds(self, fds: dict[str, int]) -> None:
         """Make the fd store hold exactly these. Every one is stored again: an fd
-        number may have been closed and reused for another file since."""
+        number may have been closed and reused for another file since. fds of
+        one open file go once, under their names joined ("mem0+mem1"): the
+        store keeps one fd per file."""
         for name in self._stored:
             systemd.notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
-        for name, fd in fds.items():
+        self._stored = {}
+        for names, fd in systemd.group_same_files(fds):
+            name = systemd.SHARED.join(names)
             systemd.store_fds(name, [fd])
-        self._stored = dict(fds)
+            self._stored[name] = fd
 
     def save(self, engine: EngineRecord, device: dict[str, Any], answer: SavedAnswer | None = None) -> None:
         """Atomically: a crash leaves the previous state or this one. Raises OSError."""
@@ -112,7 +116,7 @@ class ConnectionKeeper:
 
     def adopt(self, fds: dict[str, int]) -> None:
         """A successor: these are the fds the store holds for us already."""
-        self._stored = dict(fds)
+        self._stored = {systemd.SHARED.join(names): fd for names, fd in systemd.group_same_files(fds)}
 
 
 def load(path: str) -> SavedState:

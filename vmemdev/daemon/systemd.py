@@ -8,14 +8,18 @@ needed.
 from __future__ import annotations
 
 import array
+import errno
+import fcntl
 import json
 import logging
 import os
 import socket
+import stat
 import sys
 from collections.abc import Sequence
 
 SD_LISTEN_FDS_START = 3
+SHARED = "+"  # FDNAME of one stored fd kept for several roles: "mem0+mem1"
 
 # syslog priorities for journald's "<N>" line prefixes
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
@@ -45,11 +49,54 @@ def store_fds(name: str, fds: Sequence[int]) -> bool:
     return notify(f"FDSTORE=1\nFDNAME={name}", fds)
 
 
+def same_file(a: int, b: int) -> bool:
+    """Whether systemd's fd store takes ``a`` and ``b`` for one file, as its
+    same_fd() does: kcmp(2) KCMP_FILE (one open file description); without
+    kcmp, the same inode (never for devices) and the same file status flags."""
+    if a == b:
+        return True
+    from ..errors import NativeError
+    from ..host import native
+
+    try:
+        return native.same_file(a, b)
+    except NativeError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EPERM, errno.EACCES):
+            raise
+    sa, sb = os.fstat(a), os.fstat(b)
+    if (sa.st_dev, sa.st_ino) != (sb.st_dev, sb.st_ino):
+        return False
+    if stat.S_ISCHR(sa.st_mode) or stat.S_ISBLK(sa.st_mode):
+        return False
+    return fcntl.fcntl(a, fcntl.F_GETFL) == fcntl.fcntl(b, fcntl.F_GETFL)
+
+
+def group_same_files(fds: dict[str, int]) -> list[tuple[list[str], int]]:
+    """``fds`` by name, grouped as systemd's fd store keeps them.
+
+    systemd keeps one fd per open file: an fd of a file it already holds is
+    closed, not stored, whatever its FDNAME (QEMU sends the memfd of its RAM
+    once per region, e.g. below and above the PCI hole: two fds, one open
+    file). So names that share a file are stored once, as "mem0+mem1", and
+    listen_fds() gives each name its own fd again."""
+    groups: list[tuple[list[str], int]] = []
+    for name, fd in fds.items():
+        for names, kept in groups:
+            if same_file(kept, fd):
+                names.append(name)
+                break
+        else:
+            groups.append(([name], fd))
+    return groups
+
+
 def listen_fds() -> dict[str, int]:
     """Sockets passed by systemd socket activation, by name (LISTEN_FDNAMES).
 
-    Unnamed sockets are called "fd3", "fd4", ... The variables are removed
-    so that child processes do not inherit them.
+    Unnamed sockets are called "fd3", "fd4", ... A name "a+b" (one fd
+    stored for several roles, see group_same_files) gives "a" the fd and "b"
+    a dup of it. The variables are removed so that child processes do not
+    inherit them.
     """
     try:
         if int(os.environ.get("LISTEN_PID", "0")) != os.getpid():
@@ -65,7 +112,10 @@ def listen_fds() -> dict[str, int]:
         fd = SD_LISTEN_FDS_START + i
         os.set_inheritable(fd, False)
         name = names[i] if i < len(names) and names[i] and names[i] != "unknown" else f"fd{fd}"
-        out[name] = fd
+        first, *others = name.split(SHARED)
+        out[first] = fd
+        for other in others:
+            out[other] = os.dup(fd)  # non-inheritable, as the fd above
     return out
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "populate_write",
     "fallocate",
     "allocated_bytes",
+    "same_file",
     "data_extents",
     "resident_pages",
     "buffer_address",
@@ -204,6 +205,15 @@ def allocated_bytes(fd: int) -> int:
     rc = lib.vmem_allocated_bytes(fd)
     _raise_if_failed("fstat", rc, 0, 0)
     return int(rc)
+
+
+def same_file(a: int, b: int) -> bool:
+    """Whether fds ``a`` and ``b`` share one open file description (kcmp(2)
+    KCMP_FILE): what a dup() or a second SCM_RIGHTS copy of one fd gives.
+    Raises NativeError (ENOSYS on a kernel without kcmp)."""
+    rc = lib.vmem_same_file(_uint("fd", a), _uint("fd", b))
+    _raise_if_failed("kcmp", rc, 0, 0)
+    return bool(rc)
 
 
 def data_extents(fd: int, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
