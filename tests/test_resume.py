@@ -214,3 +214,36 @@ def test_a_state_file_without_a_kept_connection_is_stale(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_an_fd_replaced_after_a_restart_is_the_one_the_next_successor_gets(tmp_path, nursery):
+    """The fd store (systemd's, and `hold` as it) does not replace an fd stored
+    again under the same name: it adds one. So a successor must remove the
+    names it inherited before storing a replacement, or the next successor
+    finds two "call0" and may take the stale one (systemd hands the newest
+    first): its interrupts would reach nobody."""
+    from vmemdev.protocol import vhost_user as vu
+    from vmemdev.protocol.vhost_user import Request
+
+    held = Held(tmp_path)
+    try:
+        fe = await attach(held, nursery)
+        assert await fe.plug(A, 4) == ResponseType.ACK
+        held.kill_worker()
+        with trio.fail_after(20):
+            assert await fe.state(A, 4) == (ResponseType.ACK, BlockState.PLUGGED)
+        new_call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # QEMU changes the ring's interrupt
+        await fe.call_ack(Request.SET_VRING_CALL, vu.encode_u64(0), [new_call])
+        os.close(fe.call_fd)
+        fe.call_fd = new_call
+        with trio.fail_after(20):
+            assert await fe.state(A, 4) == (ResponseType.ACK, BlockState.PLUGGED)
+        held.kill_worker()
+        with trio.fail_after(20):
+            assert await fe.plug(A + 8 * MiB, 1) == ResponseType.ACK
+        await fe.close()
+        fe.release()
+        assert held.stop() == 0
+    finally:
+        held.proc.kill()
+        held.proc.wait()

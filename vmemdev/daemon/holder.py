@@ -7,7 +7,8 @@ file descriptor store), and when it dies of anything but a clean exit the
 holder starts it again with those fds, as systemd passes them:
 ``LISTEN_FDS``, ``LISTEN_FDNAMES``, ``LISTEN_PID``, fds from 3 up. Like
 systemd (same_fd() in its fd store), it keeps one fd per open file: an fd of
-a file it holds already is closed, not stored, whatever its name.
+a file it holds already is closed, not stored, whatever its name; and a
+name stored again adds an fd, it does not replace the first.
 
 The holder is the process that must not die, so it does as little as
 possible: it reads only its own worker's notify datagrams (a socket in a
@@ -52,7 +53,8 @@ class FdStore:
     entries: list[tuple[str, int]] = field(default_factory=list)
 
     def store(self, name: str, fds: Sequence[int]) -> None:
-        self.remove(name)
+        """As systemd's store: an fd of a new file is added, even under a name
+        already stored (FDSTOREREMOVE=1 removes the old ones)."""
         for fd in fds:
             kept = next((n for n, f in self.entries if same_file(f, fd)), None)
             if kept is not None:  # as systemd: one fd per open file, whatever its name
@@ -119,8 +121,9 @@ class Holder:
         self.restarts = 0
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        stored = [fd for _, fd in self.store.entries]
-        names = ":".join(name for name, _ in self.store.entries)
+        entries = self.store.entries[::-1]  # as systemd 252 hands them: the newest first
+        stored = [fd for _, fd in entries]
+        names = ":".join(name for name, _ in entries)
         notify = self.notify_path
 
         def hand_over() -> None:  # in the child, before exec

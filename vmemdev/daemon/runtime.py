@@ -112,6 +112,10 @@ class DeviceRuntime:
                                                tracer=tracer, engine=engine,
                                                persistence=self._persistence(state.answer))
             self.frontend.adopt_fds(fds)
+            # What the store holds for us already: the next change removes these names
+            # first (systemd does not replace an fd stored under a name again, it adds one).
+            if self.frontend.persistence is not None:
+                self.frontend.persistence.keeper.adopt(self.frontend.fds_by_role())
             self.device.attach(memory)
             try:
                 reclaimed = self.device.reclaim_unplugged()
