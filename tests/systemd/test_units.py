@@ -226,3 +226,22 @@ async def test_a_corrupted_state_file_fails_the_unit_with_status_2(vm0, nursery)
     assert "To start afresh, stop the service and remove /run/vmemdev/vm0.state" in journal, journal
     assert state.exists()  # nothing removed behind the operator's back
     await done(fe)
+
+
+async def test_systemctl_restart_ends_the_connection(vm0, nursery):
+    """What an operator must not do under a running VM: a stop (or restart) is
+    a clean exit, the daemon closes the front-end's connection and forgets
+    its state, and systemd 252 empties the fd store at stop anyway (it has no
+    FileDescriptorStorePreserve=). `systemctl reload` is the way to replace
+    the daemon; this test pins down that restart is not."""
+    box = vm0
+    fe = await attach(box, nursery)
+    with trio.fail_after(20):
+        assert await fe.plug(A, 4) == ResponseType.ACK
+    await sync(box.systemctl, "restart", SERVICE)
+    with trio.fail_after(20):
+        assert await fe.sock.recv(1) == b""  # QEMU would see its backend close
+    assert box.show(SERVICE, "NFileDescriptorStore", "ActiveState") == {"NFileDescriptorStore": "0",
+                                                                         "ActiveState": "active"}
+    assert not (box.run_dir / f"{VM}.state").exists()
+    await done(fe)
