@@ -139,6 +139,9 @@ async def test_kill_9_restarts_with_the_fd_store_and_the_connection_lives_on(vm0
             await fe.call_ack(Request.SET_VRING_CALL, vu.encode_u64(0), [new_call])
             os.close(fe.call_fd)
             fe.call_fd = new_call
+        # The successor serves the kept connection before it says READY=1: a request
+        # may be answered while the unit is still "activating".
+        wait_until(lambda: box.show(SERVICE, "SubState")["SubState"] == "running", 20, "READY=1 after the restart")
         shown = box.show(SERVICE, "ActiveState", "SubState", "MainPID", "NRestarts", "NFileDescriptorStore")
         assert (shown["ActiveState"], shown["SubState"], shown["NRestarts"]) == ("active", "running", str(kill))
         assert int(shown["MainPID"]) not in pids
