@@ -221,7 +221,16 @@ async def test_ctl_names_a_failed_hot_add_and_guards_the_memmap_ceiling(nursery,
     try:
         fe, _ = await attach_guest(nursery, daemon, run_guest=False)
         guest = SimulatedLinuxGuest(fe, touch=False, kernel_memory=8 * MiB)
-        await nursery.start(guest.run)
+        guest_scope, guest_done = trio.CancelScope(), trio.Event()
+
+        async def run_guest(task_status=trio.TASK_STATUS_IGNORED):
+            try:
+                with guest_scope:
+                    await guest.run(task_status=task_status)
+            finally:
+                guest_done.set()
+
+        await nursery.start(run_guest)
         # Asked before its onlining is known: capped once it is seen onlining movable
         # (third block added), never below what it plugged.
         rc, out, err = await ctl(daemon, "resize", "1G", "--wait", "--stall", "60", "--timeout", "60")
@@ -269,6 +278,8 @@ async def test_ctl_names_a_failed_hot_add_and_guards_the_memmap_ceiling(nursery,
         assert rc == 0 and json.loads(out)["reserve_default"] is True
         rc, out, _ = await ctl(daemon, "resize", "1G", "--force")
         assert rc == 0 and "requested 1G" in out
+        guest_scope.cancel()  # the guest stops before its device goes
+        await guest_done.wait()
         await fe.close()
         fe.release()
     finally:

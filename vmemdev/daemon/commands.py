@@ -33,11 +33,8 @@ def execute(runtime: DeviceRuntime, command: Command) -> Any:
                 return READS[name](runtime.device)
         if name == "query-events":
             return [event.to_json() for event in runtime.events.history]
-        if name == "resize":
-            changed = runtime.resize(args["size"], force=args.get("force", False))
-            with runtime.lock:  # `resize --wait` fails on the next hot-add failure after this
-                return {"requested_size": runtime.device.requested_size, "changed": changed,
-                        "hot_add_failures": runtime.device.rollbacks.total}
+        if name == "resize":  # `resize --wait` fails on the next hot-add failure after this
+            return runtime.resize(args["size"], force=args.get("force", False))
         if name == "set-memmap-reserve":
             with runtime.lock:
                 runtime.device.set_memmap_reserve(args["value"])

@@ -161,13 +161,17 @@ class DeviceRuntime:
 
     # --- operator API (control socket) ----------------------------------------------
 
-    def resize(self, requested_size: int, *, reason: str = "operator", force: bool = False) -> bool:
-        """Raises ConfigError with the reason; notifies the driver once if config changed."""
+    def resize(self, requested_size: int, *, reason: str = "operator", force: bool = False) -> dict[str, Any]:
+        """Raises ConfigError with the reason; notifies the driver once if config
+        changed. Returns the device as the resize left it, read under the same
+        lock (the guest may act on it before a second look)."""
         with self.lock:
             changed = self.device.resize(requested_size, reason=reason, force=force)
+            after = {"requested_size": self.device.requested_size, "changed": changed,
+                     "hot_add_failures": self.device.rollbacks.total}
         if changed:
             self.notify_config_change()
-        return changed
+        return after
 
     def set_limit(self, name: str, value: int | None) -> None:
         with self.lock:
