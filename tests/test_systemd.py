@@ -210,3 +210,50 @@ def _fd_open(fd: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_the_store_is_touched_only_where_an_fd_changed(tmp_path, monkeypatch):
+    """Most vhost-user messages change no fd: then nothing is removed from the
+    store (a death just then would find it half rewritten). A replaced call
+    eventfd is removed and stored again; a closed and reused fd number is seen."""
+    import socket as socketmod
+
+    from vmemdev.daemon.keeper import ConnectionKeeper
+
+    listener = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify"))
+    listener.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+
+    def sent() -> list[str]:
+        out = []
+        while True:
+            try:
+                data, ancdata, _, _ = listener.recvmsg(4096, socketmod.CMSG_SPACE(16 * 4))
+            except BlockingIOError:
+                return out
+            for level, kind, payload in ancdata:  # close what the keeper sent us
+                if level == socketmod.SOL_SOCKET and kind == socketmod.SCM_RIGHTS:
+                    for i in range(0, len(payload), 4):
+                        os.close(int.from_bytes(payload[i:i + 4], "little"))
+            out.append(data.decode().replace("\n", " "))
+
+    ram, kick, call = os.memfd_create("ram"), os.eventfd(0), os.eventfd(0)
+    keeper = ConnectionKeeper(str(tmp_path / "vm0.state"))
+    keeper.keep_fds({"mem0": ram, "mem1": ram, "kick0": kick, "call0": call})
+    assert sent() == ["FDSTORE=1 FDNAME=mem0+mem1", "FDSTORE=1 FDNAME=kick0", "FDSTORE=1 FDNAME=call0"]
+    keeper.keep_fds({"mem0": ram, "mem1": ram, "kick0": kick, "call0": call})
+    assert sent() == []  # e.g. SET_VRING_ENABLE: nothing to do
+    new_call = os.eventfd(0)
+    keeper.keep_fds({"mem0": ram, "mem1": ram, "kick0": kick, "call0": new_call})
+    assert sent() == ["FDSTOREREMOVE=1 FDNAME=call0", "FDSTORE=1 FDNAME=call0"]
+    os.close(kick)
+    reused = os.eventfd(0)  # likely the same number as the closed kick: another file
+    keeper.keep_fds({"mem0": ram, "mem1": ram, "kick0": reused, "call0": new_call})
+    assert sent() == ["FDSTOREREMOVE=1 FDNAME=kick0", "FDSTORE=1 FDNAME=kick0"]
+    keeper.forget()
+    assert sorted(sent()) == ["FDSTOREREMOVE=1 FDNAME=call0", "FDSTOREREMOVE=1 FDNAME=kick0",
+                              "FDSTOREREMOVE=1 FDNAME=mem0+mem1"]
+    for fd in (ram, call, new_call, reused):
+        os.close(fd)
+    listener.close()

@@ -75,21 +75,26 @@ class Persistence:
 class ConnectionKeeper:
     def __init__(self, path: str):
         self.path = path
-        self._stored: dict[str, int] = {}  # name -> fd number as last stored
+        self._held: dict[str, int] = {}  # store name -> our copy of the fd stored under it
         self._engine: tuple[EngineRecord, dict[str, Any]] | None = None  # it rarely changes
 
     def keep_fds(self, fds: dict[str, int]) -> None:
-        """Make the fd store hold exactly these. Every one is stored again: an fd
-        number may have been closed and reused for another file since. fds of
-        one open file go once, under their names joined ("mem0+mem1"): the
-        store keeps one fd per file."""
-        for name in self._stored:
-            systemd.notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
-        self._stored = {}
-        for names, fd in systemd.group_same_files(fds):
-            name = systemd.SHARED.join(names)
-            systemd.store_fds(name, [fd])
-            self._stored[name] = fd
+        """Make the fd store hold exactly these. fds of one open file go once,
+        under their names joined ("mem0+mem1"): the store keeps one fd per file.
+
+        Only what changed is touched: an entry whose file is the one stored
+        stays (checked against a copy we hold, as the store does, since an fd
+        number may have been closed and reused), so a death during a message
+        that changes no fd cannot find the store half rewritten."""
+        wanted = {systemd.SHARED.join(names): fd for names, fd in systemd.group_same_files(fds)}
+        for name in list(self._held):
+            if name not in wanted or not systemd.same_file(self._held[name], wanted[name]):
+                systemd.notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+                os.close(self._held.pop(name))
+        for name, fd in wanted.items():
+            if name not in self._held:
+                systemd.store_fds(name, [fd])
+                self._held[name] = os.dup(fd)
 
     def save(self, engine: EngineRecord, device: dict[str, Any], answer: SavedAnswer | None = None) -> None:
         """Atomically: a crash leaves the previous state or this one. Raises OSError."""
@@ -116,7 +121,7 @@ class ConnectionKeeper:
 
     def adopt(self, fds: dict[str, int]) -> None:
         """A successor: these are the fds the store holds for us already."""
-        self._stored = {systemd.SHARED.join(names): fd for names, fd in systemd.group_same_files(fds)}
+        self._held = {systemd.SHARED.join(names): os.dup(fd) for names, fd in systemd.group_same_files(fds)}
 
 
 def load(path: str) -> SavedState:
