@@ -55,6 +55,16 @@ class Held:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=20)
 
+    def kill(self) -> None:
+        """After a failure: the worker too (it outlives a holder killed with SIGKILL)."""
+        worker = only_child(self.proc.pid)
+        for pid in ([worker] if worker else []) + [self.proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
 
 async def attach(held: Held, nursery) -> Frontend:
     fe = Frontend(held.sock)
@@ -94,8 +104,7 @@ async def test_kill_9_is_a_pause_for_the_front_end(tmp_path, nursery):
         wait_for(lambda: not held.state.exists())
         assert held.stop() == 0
     finally:
-        held.proc.kill()
-        held.proc.wait()
+        held.kill()
 
 
 async def test_a_request_decided_before_the_crash_is_answered_as_decided(tmp_path, nursery):
@@ -121,8 +130,7 @@ async def test_a_request_decided_before_the_crash_is_answered_as_decided(tmp_pat
         fe.release()
         assert held.stop() == 0
     finally:
-        held.proc.kill()
-        held.proc.wait()
+        held.kill()
 
 
 async def test_an_unplug_killed_after_its_discard_is_finished_by_the_successor(tmp_path, nursery):
@@ -151,8 +159,7 @@ async def test_an_unplug_killed_after_its_discard_is_finished_by_the_successor(t
         fe.release()
         assert held.stop() == 0
     finally:
-        held.proc.kill()
-        held.proc.wait()
+        held.kill()
 
 
 async def test_a_prealloc_plug_killed_after_its_populate_is_served_again(tmp_path, nursery):
@@ -176,8 +183,7 @@ async def test_a_prealloc_plug_killed_after_its_populate_is_served_again(tmp_pat
         fe.release()
         assert held.stop() == 0
     finally:
-        held.proc.kill()
-        held.proc.wait()
+        held.kill()
 
 
 async def test_a_corrupted_state_is_refused_naming_the_file(tmp_path, nursery):
@@ -195,8 +201,7 @@ async def test_a_corrupted_state_is_refused_naming_the_file(tmp_path, nursery):
             assert await fe.sock.recv(1) == b""  # the connection is dropped, never misread
         fe.release()
     finally:
-        held.proc.kill()
-        held.proc.wait()
+        held.kill()
 
 
 def test_a_state_file_without_a_kept_connection_is_stale(tmp_path):
@@ -245,5 +250,4 @@ async def test_an_fd_replaced_after_a_restart_is_the_one_the_next_successor_gets
         fe.release()
         assert held.stop() == 0
     finally:
-        held.proc.kill()
-        held.proc.wait()
+        held.kill()

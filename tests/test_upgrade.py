@@ -65,8 +65,7 @@ async def test_an_upgrade_in_place_is_a_pause_for_the_front_end(tmp_path, nurser
         fe.release()
         assert held.stop() == 0
     finally:
-        held.proc.kill()
-        held.proc.wait()
+        held.kill()
 
 
 async def test_an_upgrade_without_a_state_file_is_refused_while_a_front_end_is_attached(tmp_path, nursery):
@@ -117,5 +116,4 @@ async def test_an_upgrade_to_a_version_that_does_not_start_is_refused(tmp_path, 
         await fe.close()
         fe.release()
     finally:
-        held.proc.kill()
-        held.proc.wait()
+        held.kill()
