@@ -20,7 +20,8 @@ class BlockBitmap:
         self.count = 0  # number of set bits
         self._dirty_end = 0  # bytes from here on have never been set since the last clear_all
         # The bytes written since the last take_touched(): [_touched_lo, _touched_hi), empty if hi <= lo.
-        self._touched_lo = len(self._bits)
+        self._nbytes = len(self._bits)
+        self._touched_lo = self._nbytes
         self._touched_hi = 0
 
     def _check(self, start: int, n: int) -> None:
@@ -89,11 +90,20 @@ class BlockBitmap:
         lo, hi = self._touched_lo, self._touched_hi
         if hi <= lo:
             return None
-        self._touched_lo, self._touched_hi = len(self._bits), 0
+        self._touched_lo, self._touched_hi = self._nbytes, 0
         return lo, hi
 
     def window(self, first: int, last: int) -> bytes:
         return bytes(self._bits[first:last])
+
+    def take_window(self) -> tuple[int, bytearray] | None:
+        """``take_touched`` and the bytes of that window, in one call (the
+        per-request save's)."""
+        lo, hi = self._touched_lo, self._touched_hi
+        if hi <= lo:
+            return None
+        self._touched_lo, self._touched_hi = self._nbytes, 0
+        return lo, self._bits[lo:hi]
 
     @classmethod
     def from_bytes(cls, nblocks: int, data: bytes) -> BlockBitmap:
