@@ -138,6 +138,25 @@ def test_bitmap_ranges_and_runs():
     assert bm.count == 0 and list(bm.runs()) == []
 
 
+def test_bitmap_tells_the_bytes_written_since_it_was_last_asked():
+    """What a durable copy must be given after each change (daemon/devrecord.py):
+    the bytes of the range, not the region."""
+    bm = BlockBitmap(1 << 20)
+    assert bm.take_touched() is None
+    bm.set_range(17, 3)
+    assert bm.take_touched() == (2, 3) and bm.take_touched() is None
+    bm.set_range(800, 16)
+    bm.clear_range(40, 1)
+    assert bm.take_touched() == (5, 102)
+    assert bm.window(100, 102) == b"\xff\xff"
+    bm.clear_range(0, 8)  # nothing was set there: still a write
+    assert bm.take_touched() == (0, 1)
+    bm.clear_all()  # the bytes ever set, zeroed
+    assert bm.take_touched() == (0, 102) and bm.window(0, 102) == bytes(102)
+    bm.clear_all()  # nothing set: nothing written
+    assert bm.take_touched() is None
+
+
 class DeviceAgainstReference(RuleBasedStateMachine):
     """Random PLUG/UNPLUG/UNPLUG_ALL/STATE/resize against a set-of-blocks model."""
 

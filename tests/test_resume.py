@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import trio
 
 from vmemdev.protocol.virtio_mem import BlockState, ResponseType
@@ -101,31 +102,42 @@ async def test_kill_9_is_a_pause_for_the_front_end(tmp_path, nursery):
         # A clean end of the connection leaves nothing to resume.
         await fe.close()
         fe.release()
-        wait_for(lambda: not held.state.exists())
+        wait_for(lambda: not held.state.exists() and not (tmp_path / "vm0.state.dev").exists())
         assert held.stop() == 0
     finally:
         held.kill()
 
 
-async def test_a_request_decided_before_the_crash_is_answered_as_decided(tmp_path, nursery):
-    """The process dies after it plugged the blocks and saved the answer, before
-    the used ring shows it: the guest's PLUG is taken again by the successor,
-    whose model already has the blocks plugged. Deciding again would answer
-    ERROR (Linux then marks the device broken); it answers the saved ACK."""
+@pytest.mark.parametrize("point, decided", [
+    ("record-payload", False),  # the slot's payload written, not its crc: torn, the state before is read
+    ("record-crc", True),  # the slot complete, the bitmap in the file not yet updated
+    ("answer-saved", True),  # everything saved, the used ring not yet updated
+])
+async def test_a_request_decided_before_the_crash_is_answered_as_decided(tmp_path, nursery, point, decided):
+    """The process dies at each step of saving a PLUG that changed the device,
+    before the used ring shows it: the guest's PLUG is taken again by the
+    successor. If the save was complete, its model already has the blocks
+    plugged and deciding again would answer ERROR (Linux then marks the device
+    broken): it answers the saved ACK. If the save was torn, the successor has
+    the state before the PLUG and decides it again: ACK too."""
     marker = tmp_path / "crashed"
-    held = Held(tmp_path, env={"VMEMDEV_CRASH_POINT": f"answer-saved:{marker}"})
+    held = Held(tmp_path, env={"VMEMDEV_CRASH_POINT": f"{point}:{marker}"})
     try:
         fe = await attach(held, nursery)
         with trio.fail_after(20):
             assert await fe.plug(A, 4) == ResponseType.ACK
         assert marker.exists()  # the first worker did die at that point
         log = held.log()
-        assert "crash point answer-saved" in log and "re-delivered after a restart" in log
+        assert f"crash point {point}" in log
+        assert ("re-delivered after a restart" in log) == decided
         with trio.fail_after(20):
             assert await fe.state(A, 4) == (ResponseType.ACK, BlockState.PLUGGED)
+            assert await fe.state(A + 8 * MiB, 1) == (ResponseType.ACK, BlockState.UNPLUGGED)
             assert await fe.plug(A + 8 * MiB, 1) == ResponseType.ACK
         stats = held.ctl("stats")
-        assert stats["requests"]["PLUG"] == {"ACK": 1}  # the successor decided one plug, not two
+        # The successor decided the re-delivered plug only when the dead process's save was torn.
+        assert stats["requests"]["PLUG"] == {"ACK": 2 if not decided else 1}
+        assert held.ctl("status")["plugged_size"] == 10 * MiB
         await fe.close()
         fe.release()
         assert held.stop() == 0
@@ -186,16 +198,92 @@ async def test_a_prealloc_plug_killed_after_its_populate_is_served_again(tmp_pat
         held.kill()
 
 
-async def test_a_corrupted_state_is_refused_naming_the_file(tmp_path, nursery):
+async def test_an_unplug_saved_but_not_copied_to_the_bitmap_is_not_undone(tmp_path, nursery):
+    """UNPLUG dies after its slot is complete, before the file's bitmap shows
+    it: the successor reads the blocks unplugged (it never discards a block
+    the state calls plugged, nor calls plugged what the guest unplugged)."""
+    markers = tmp_path / "crashed"
+    markers.mkdir()
+    marker = markers / "record-crc"
+    marker.touch()  # disarmed for the plug
+    held = Held(tmp_path, env={"VMEMDEV_CRASH_POINT": f"record-crc:{markers}"})
+    try:
+        fe = await attach(held, nursery)
+        with trio.fail_after(20):
+            assert await fe.plug(A, 4) == ResponseType.ACK
+            marker.unlink()  # armed for the unplug
+            assert await fe.unplug(A, 2) == ResponseType.ACK
+            assert marker.exists()
+            assert "re-delivered after a restart" in held.log()
+            assert await fe.state(A, 2) == (ResponseType.ACK, BlockState.UNPLUGGED)
+            assert await fe.state(A + 4 * MiB, 2) == (ResponseType.ACK, BlockState.PLUGGED)
+        held.kill_worker()  # and once more: what the file says now is what the guest was told
+        with trio.fail_after(20):
+            assert await fe.state(A, 2) == (ResponseType.ACK, BlockState.UNPLUGGED)
+            assert await fe.state(A + 4 * MiB, 2) == (ResponseType.ACK, BlockState.PLUGGED)
+            assert await fe.unplug(A + 4 * MiB, 2) == ResponseType.ACK
+        assert held.ctl("status")["plugged_size"] == 0
+        await fe.close()
+        fe.release()
+        assert held.stop() == 0
+    finally:
+        held.proc.kill()
+        held.proc.wait()
+
+
+async def test_a_plug_too_large_for_a_slot_is_saved_by_writing_the_record_anew(tmp_path, nursery):
+    """4K blocks: a PLUG of 65535 blocks changes 8 KiB of bitmap, more than a
+    slot holds; that save writes PATH.dev anew (same id) before the answer is
+    published, and the successor has every block of it."""
+    markers = tmp_path / "crashed"
+    markers.mkdir()
+    marker = markers / "answer-saved"
+    marker.touch()  # disarmed for the first plug
+    held = Held(tmp_path, "--block-size", "4K", "--requested-size", "512M",
+                env={"VMEMDEV_CRASH_POINT": f"answer-saved:{markers}"})
+    try:
+        fe = await attach(held, nursery)
+        with trio.fail_after(20):
+            assert await fe.plug(A, 1) == ResponseType.ACK  # a slot
+            marker.unlink()
+            assert await fe.plug(A + 4096 * 7, 65535) == ResponseType.ACK  # the file anew, then the crash
+        assert marker.exists() and "re-delivered after a restart" in held.log()
+        with trio.fail_after(20):
+            assert await fe.state(A + 4096 * 7, 65535) == (ResponseType.ACK, BlockState.PLUGGED)
+            assert await fe.state(A + 4096, 6) == (ResponseType.ACK, BlockState.UNPLUGGED)
+            assert await fe.unplug(A + 4096 * 7, 65535) == ResponseType.ACK  # all zeros: a slot again
+        held.kill_worker()
+        with trio.fail_after(20):
+            assert await fe.state(A, 1) == (ResponseType.ACK, BlockState.PLUGGED)
+            assert await fe.state(A + 4096 * 7, 65535) == (ResponseType.ACK, BlockState.UNPLUGGED)
+        assert held.ctl("status")["plugged_size"] == 4096
+        await fe.close()
+        fe.release()
+        assert held.stop() == 0
+    finally:
+        held.proc.kill()
+        held.proc.wait()
+
+
+@pytest.mark.parametrize("damaged", ["state", "device record"])
+async def test_a_corrupted_state_is_refused_naming_the_file(tmp_path, nursery, damaged):
     held = Held(tmp_path)
     try:
         fe = await attach(held, nursery)
         assert await fe.plug(A, 4) == ResponseType.ACK
-        held.state.write_text('{"format": 1, "engine": {"truncated')
+        if damaged == "state":
+            held.state.write_text('{"format": 1, "engine": {"truncated')
+            named = f"{held.state}"
+        else:
+            record = tmp_path / "vm0.state.dev"
+            raw = bytearray(record.read_bytes())
+            raw[0] ^= 0xFF  # the magic
+            record.write_bytes(raw)
+            named = f"{record}: not a usable device record"
         held.kill_worker()
         assert held.proc.wait(timeout=20) == 2  # not restarted in a loop
         log = held.log()
-        assert f"cannot resume the front-end's connection: {held.state}" in log
+        assert f"cannot resume the front-end's connection: {named}" in log
         assert f"remove {held.state}" in log and "not restarted" in log
         with trio.fail_after(10):
             assert await fe.sock.recv(1) == b""  # the connection is dropped, never misread

@@ -2,8 +2,11 @@
 kill the serving process at each step of a request (``VMEMDEV_CRASH_POINT``).
 
 Points: ``answer-saved`` (the answer decided and saved, not yet in the used
-ring) and ``host-work-done`` (a PLUG's populate or an UNPLUG's discard
-done, the device's state not yet changed or saved).
+ring), ``host-work-done`` (a PLUG's populate or an UNPLUG's discard
+done, the device's state not yet changed or saved), and inside a request's
+save in the state file's device record (``daemon/devrecord.py``):
+``record-payload`` (a slot's payload written, not its crc) and
+``record-crc`` (the slot complete, its bitmap bytes not yet copied).
 """
 
 from __future__ import annotations

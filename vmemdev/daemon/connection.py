@@ -201,19 +201,19 @@ class FrontendConnection:
             fds[f"mem{i}"] = fd
         return fds
 
-    def persist(self, answer: SavedAnswer | None = None) -> None:
-        """Keep the connection resumable (the device lock is held)."""
+    def persist(self, *, fds: bool = True) -> None:
+        """Keep the connection resumable (the device lock is held): its fds in
+        the fd store, the negotiated state in the state file, the device in
+        its record (``keeper.py``). For messages, the control plane and a park."""
         p = self.persistence
         if p is None:
             return
         try:
-            if answer is None:  # a request never changes the connection's fds: a message may
+            if fds:  # a request never changes the connection's fds: a message may
                 p.keeper.keep_fds(self.fds_by_role())
-            p.keeper.save(snapshot(self.engine), p.record(), answer)
+            p.keeper.save(snapshot(self.engine), p.record(), p.answer)
         except OSError as exc:
             log.error("cannot save the connection state (%s): a restart now would lose it", exc)
-        if answer is not None:
-            crash_point("answer-saved")  # decided and saved, not yet in the used ring
 
     def close(self) -> None:
         """Close every fd this connection holds, its socket included."""
@@ -240,6 +240,7 @@ class FrontendConnection:
             # It may also have published a used element without signalling it: a
             # spurious interrupt only makes the driver look at the used ring.
             with self.lock:
+                self.persist(fds=False)  # this process's own record files, of the same state
                 for ring in self.rings:
                     self._drain(ring)
                     if self.engine.rings[ring.index].queue is not None:
@@ -460,11 +461,21 @@ class FrontendConnection:
                 return saved.response
         if request.chain is None:
             return b""
-        before = p.version()
         response = self.serve_request(request)
-        if used_after is not None and p.version() != before:
-            # Saved before the guest can see it in the used ring.
-            self.persist(SavedAnswer(index, request.head, request.data, response, used_after))
+        if used_after is not None:
+            # If the device changed, saved before the guest can see it in the used ring.
+            try:
+                record = p.keeper.device_record
+                stored = False if record is None else \
+                    record.answer(p.record(), index, request.head, request.data, response, used_after)
+                if stored is False:  # nothing saved yet by this process, or more than a slot holds
+                    p.keeper.save(snapshot(self.engine), p.record(),
+                                  SavedAnswer(index, request.head, request.data, response, used_after))
+            except OSError as exc:
+                stored = True
+                log.error("cannot save the connection state (%s): a restart now would lose it", exc)
+            if stored is not None:
+                crash_point("answer-saved")  # decided and saved, not yet in the used ring
         return response
 
     # --- config-change notifications (backend channel) ---------------------------------

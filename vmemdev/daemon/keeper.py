@@ -7,21 +7,34 @@ process keeps, at every moment:
 - every fd of the connection in the fd store, by role: ``conn`` (the
   vhost-user socket), ``backend``, ``kick0``/``call0``/``err0``, ``mem0``...
   (the memory table's regions, in order);
-- in PATH, written atomically (a new file renamed over the old), the
-  negotiated state (``vhost.snapshot``), the device model, and the answer to
-  the last request that changed the device, saved before that answer is
-  published in the used ring.
+- in PATH (JSON, written atomically: a new file renamed over the old one, on
+  every vhost-user message that may change it and on control-plane changes),
+  the negotiated state (``vhost.snapshot``) and the name and id of
+  PATH.dev;
+- in PATH.dev (``devrecord.py``: a fixed layout, mapped shared, two slots
+  written alternately, each with a sequence number and a crc written last),
+  the device model (bitmap, requested and usable size) and the answer to
+  the last request that changed it, saved before that answer is published
+  in the used ring. A request's save is a few stores into the mapping, not
+  a file write: they are in the page cache at once and survive the death of
+  the process at any instant.
 
-A successor started with those fds and that file serves the same connection
+A successor started with those fds and files serves the same connection
 (QEMU never sees it close): the rings resume from the used index in guest
 memory, so a request the dead process took but did not answer is taken
 again; if the dead process had already changed the device for it, the saved
 answer is given instead of deciding it again (a re-delivered PLUG gets its
-ACK, not ERROR).
+ACK, not ERROR). Its first act is to write both files anew from what it
+restored (PATH.dev under the same id, so PATH always names the PATH.dev on
+disk).
 
-Not yet: the save is a file write per state-changing request (not the
-shared-memory record the cost target needs); a crash between the removal of
-an old fd and the store of its replacement loses that fd.
+Format: a number in each file (``FORMAT``, 2: PATH and PATH.dev). A release
+reads its own format and the previous one (``READS``; format 1 was PATH
+alone, the device and answer inline, the bitmap in hex) and writes its own.
+
+Not yet: a crash between the removal of an old fd and the store of its
+replacement loses that fd; a crash between the first store of a new
+connection's fds and its first PATH leaves fds with no state (refused).
 """
 
 from __future__ import annotations
@@ -29,17 +42,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..crashpoints import crash_point
 from ..vhost.snapshot import EngineRecord, StateError
-from . import systemd
+from ..virtio_mem.model import DeviceRecord
+from . import devrecord, systemd
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-READS = (FORMAT,)  # the state formats load() accepts (an upgrade checks the new version's)
+FORMAT = 2  # what this version writes
+READS = (1, 2)  # what load() reads: its own format and the previous one (an upgrade checks the new version's)
 
 
 @dataclass(frozen=True)
@@ -54,11 +70,14 @@ class SavedAnswer:
         return {"ring": self.ring, "head": self.head, "request": self.request.hex(),
                 "response": self.response.hex(), "used_idx": self.used_idx}
 
+    def as_tuple(self) -> tuple[int, int, bytes, bytes, int]:
+        return self.ring, self.head, self.request, self.response, self.used_idx
+
 
 @dataclass(frozen=True)
 class SavedState:
     engine: EngineRecord
-    device: dict[str, Any]
+    device: dict[str, Any]  # for VirtioMemModel.restore
     answer: SavedAnswer | None
 
 
@@ -67,16 +86,20 @@ class Persistence:
     """What a connection needs to keep itself resumable (given by the runtime)."""
 
     keeper: ConnectionKeeper
-    version: Callable[[], object]  # changes whenever the device's state does
-    record: Callable[[], dict[str, Any]]  # the device's state, for the file
+    version: Callable[[], object]  # changes whenever the device's state does (the request path asks the keeper)
+    record: Callable[[], DeviceRecord]  # the device's state, for the files
     answer: SavedAnswer | None = None  # a successor's: the last answer of the dead process
 
 
 class ConnectionKeeper:
     def __init__(self, path: str):
         self.path = path
+        self.device_path = path + ".dev"
         self._held: dict[str, int] = {}  # store name -> our copy of the fd stored under it
         self._engine: tuple[EngineRecord, dict[str, Any]] | None = None  # it rarely changes
+        # PATH.dev, open once the first full save made it: its answer() is the per-request save.
+        self.device_record: devrecord.DeviceRecordFile | None = None
+        self._id = 0  # pairs PATH with PATH.dev
 
     def keep_fds(self, fds: dict[str, int]) -> None:
         """Make the fd store hold exactly these. fds of one open file go once,
@@ -96,12 +119,21 @@ class ConnectionKeeper:
                 systemd.store_fds(name, [fd])
                 self._held[name] = os.dup(fd)
 
-    def save(self, engine: EngineRecord, device: dict[str, Any], answer: SavedAnswer | None = None) -> None:
-        """Atomically: a crash leaves the previous state or this one. Raises OSError."""
+    def save(self, engine: EngineRecord, device: DeviceRecord, answer: SavedAnswer | None = None) -> None:
+        """Everything, each file atomically: the device's record in PATH.dev
+        (a slot, or the whole file anew when it is not open yet or the change
+        does not fit a slot), then the connection's in PATH (a new file
+        renamed over the old one), which names PATH.dev by its id. Raises
+        OSError."""
+        parts = None if answer is None else answer.as_tuple()
+        if self.device_record is None:
+            self._open(device, parts)
+        elif not self.save_device(device, parts):
+            self._rewrite(device, parts)
         if self._engine is None or self._engine[0] != engine:
             self._engine = (engine, engine.to_obj())
-        text = json.dumps({"format": FORMAT, "engine": self._engine[1], "device": device,
-                           "answer": None if answer is None else answer.to_json()})
+        text = json.dumps({"format": FORMAT, "engine": self._engine[1],
+                           "device": {"file": os.path.basename(self.device_path), "id": f"{self._id:016x}"}})
         temporary = self.path + ".new"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -110,10 +142,58 @@ class ConnectionKeeper:
             os.close(fd)
         os.rename(temporary, self.path)
 
+    def save_device(self, device: DeviceRecord, answer: tuple[int, int, bytes, bytes, int] | None) -> bool:
+        """Save the device's state and ``answer`` in a slot of PATH.dev (a few
+        stores into its mapping), even if nothing changed. False: nothing
+        saved (PATH.dev not open, or the change does not fit a slot): a full
+        ``save`` is needed. The per-request path calls
+        ``device_record.answer`` itself."""
+        f = self.device_record
+        if f is None:
+            return False
+        if answer is None:
+            return f.answer(device, -1, 0, b"", b"", 0) is True
+        return f.answer(device, *answer) is not False
+
+    def _open(self, device: DeviceRecord, answer: tuple[int, int, bytes, bytes, int] | None) -> None:
+        # A successor keeps the id of the state it resumed from: at every instant
+        # PATH names the PATH.dev that is there.
+        self._id = self._id_on_disk() or secrets.randbits(63) | 1
+        self._create(device, answer, 1)
+
+    def _rewrite(self, device: DeviceRecord, answer: tuple[int, int, bytes, bytes, int] | None) -> None:
+        """PATH.dev anew, under the same id (so PATH names it at every instant)."""
+        f = self.device_record
+        assert f is not None
+        self.device_record = None
+        f.close()
+        self._create(device, answer, f.seq + 1)
+
+    def _create(self, device: DeviceRecord, answer: tuple[int, int, bytes, bytes, int] | None, seq: int) -> None:
+        g = device.geometry
+        device.bitmap.take_touched()  # all of it is written
+        self.device_record = devrecord.create(
+            self.device_path, id=self._id, geometry=(g.addr, g.region_size, g.block_size), nblocks=g.nblocks,
+            requested=device.requested_size, usable=device.usable_region_size, bitmap=device.bitmap.to_bytes(),
+            answer=answer, seq=seq)
+        if os.environ.get("VMEMDEV_CRASH_POINT"):  # the tests': record-payload, record-crc (crashpoints.py)
+            self.device_record._crash = crash_point
+
+    def _id_on_disk(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                raw = json.loads(f.read())
+            return int(raw["device"]["id"], 16) if raw.get("format") == 2 else 0
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return 0
+
     def forget(self) -> None:
         """The connection ended for good: nothing to resume."""
         self.keep_fds({})
-        for path in (self.path, self.path + ".new"):
+        if self.device_record is not None:
+            self.device_record.close()
+            self.device_record = None
+        for path in (self.path, self.path + ".new", self.device_path, self.device_path + ".new"):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -125,23 +205,47 @@ class ConnectionKeeper:
 
 
 def load(path: str) -> SavedState:
-    """Read a saved state; raises StateError naming the file and what is wrong."""
+    """Read a saved state (format 2: PATH and PATH.dev; format 1: PATH alone);
+    raises StateError naming the file and what is wrong."""
     try:
         with open(path, "rb") as f:
             raw = json.loads(f.read())
-        if not isinstance(raw, dict) or set(raw) != {"format", "engine", "device", "answer"}:
-            raise ValueError("expected format, engine, device and answer")
-        if raw["format"] != FORMAT:
-            raise ValueError(f"format {raw['format']!r}, this version reads {FORMAT}")
+        if not isinstance(raw, dict) or raw.get("format") not in READS:
+            found = raw.get("format") if isinstance(raw, dict) else None
+            raise ValueError(f"format {found!r}, this version reads {' and '.join(map(str, READS))}")
+        if raw["format"] == 1:
+            return _load_1(raw)
+        if set(raw) != {"format", "engine", "device"}:
+            raise ValueError("expected format, engine and device")
         engine = EngineRecord.from_json(json.dumps(raw["engine"]))
-        answer = raw["answer"]
-        saved = None if answer is None else SavedAnswer(
-            int(answer["ring"]), int(answer["head"]), bytes.fromhex(answer["request"]),
-            bytes.fromhex(answer["response"]), int(answer["used_idx"]))
-        if not isinstance(raw["device"], dict):
-            raise ValueError("device: expected an object")
-        return SavedState(engine, raw["device"], saved)
+        ref = raw["device"]
+        if not isinstance(ref, dict) or set(ref) != {"file", "id"} \
+                or ref["file"] != os.path.basename(path) + ".dev" or not isinstance(ref["id"], str):
+            raise ValueError(f"device: expected the file {os.path.basename(path)}.dev and its id")
+        ident = int(ref["id"], 16)
     except StateError as exc:
         raise StateError(f"{path}: {exc}") from exc
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StateError(f"{path}: not a usable connection state ({exc})") from exc
+    device_path = path + ".dev"
+    dev = devrecord.read(device_path)
+    if dev.id != ident:
+        raise StateError(f"{device_path}: belongs to another connection's state (id {dev.id:016x}, "
+                         f"{path} names {ident:016x})")
+    answer = None if dev.answer is None else SavedAnswer(*dev.answer)
+    return SavedState(engine, {"requested_size": dev.requested_size, "usable_region_size": dev.usable_region_size,
+                               "bitmap": dev.bitmap, "geometry": list(dev.geometry)}, answer)
+
+
+def _load_1(raw: dict[str, Any]) -> SavedState:
+    """The previous format: everything in PATH, the bitmap in hex."""
+    if set(raw) != {"format", "engine", "device", "answer"}:
+        raise ValueError("expected format, engine, device and answer")
+    engine = EngineRecord.from_json(json.dumps(raw["engine"]))
+    answer = raw["answer"]
+    saved = None if answer is None else SavedAnswer(
+        int(answer["ring"]), int(answer["head"]), bytes.fromhex(answer["request"]),
+        bytes.fromhex(answer["response"]), int(answer["used_idx"]))
+    if not isinstance(raw["device"], dict):
+        raise ValueError("device: expected an object")
+    return SavedState(engine, raw["device"], saved)

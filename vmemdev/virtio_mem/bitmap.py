@@ -19,6 +19,10 @@ class BlockBitmap:
         self._bits = bytearray((nblocks + 7) // 8)
         self.count = 0  # number of set bits
         self._dirty_end = 0  # bytes from here on have never been set since the last clear_all
+        # The bytes written since the last take_touched(): [_touched_lo, _touched_hi), empty if hi <= lo.
+        self._nbytes = len(self._bits)
+        self._touched_lo = self._nbytes
+        self._touched_hi = 0
 
     def _check(self, start: int, n: int) -> None:
         if start < 0 or n < 0 or start + n > self.nblocks:
@@ -51,6 +55,10 @@ class BlockBitmap:
         self._bits[first:last] = word.to_bytes(last - first, "little")
         if value and last > self._dirty_end:
             self._dirty_end = last
+        if first < self._touched_lo:
+            self._touched_lo = first
+        if last > self._touched_hi:
+            self._touched_hi = last
         self.count += (n - before) if value else -before
 
     def set_range(self, start: int, n: int) -> None:
@@ -64,11 +72,38 @@ class BlockBitmap:
         if self.count:
             end = self._dirty_end
             self._bits[:end] = bytes(end)
+            self._touched_lo = 0
+            self._touched_hi = max(self._touched_hi, end)
         self._dirty_end = 0
         self.count = 0
 
     def to_bytes(self) -> bytes:
         return bytes(self._bits)
+
+    def take_touched(self) -> tuple[int, int] | None:
+        """The byte window [first, last) written since the last call (None: none).
+
+        For a durable copy of the bitmap that is kept up to date with the
+        window's bytes after each change (``daemon/devrecord.py``): a
+        request costs the bytes of its range, not the region.
+        """
+        lo, hi = self._touched_lo, self._touched_hi
+        if hi <= lo:
+            return None
+        self._touched_lo, self._touched_hi = self._nbytes, 0
+        return lo, hi
+
+    def window(self, first: int, last: int) -> bytes:
+        return bytes(self._bits[first:last])
+
+    def take_window(self) -> tuple[int, bytearray] | None:
+        """``take_touched`` and the bytes of that window, in one call (the
+        per-request save's)."""
+        lo, hi = self._touched_lo, self._touched_hi
+        if hi <= lo:
+            return None
+        self._touched_lo, self._touched_hi = self._nbytes, 0
+        return lo, self._bits[lo:hi]
 
     @classmethod
     def from_bytes(cls, nblocks: int, data: bytes) -> BlockBitmap:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..errors import ConfigError
 from ..protocol.virtio_mem import (
@@ -111,6 +112,27 @@ ACK = MemResponse(ResponseType.ACK)
 BUSY = MemResponse(ResponseType.BUSY)
 
 
+class DeviceRecord(Protocol):
+    """What a successor process needs of the model (``VirtioMemModel.to_record``)."""
+
+    @property
+    def geometry(self) -> Geometry: ...
+    @property
+    def requested_size(self) -> int: ...
+    @property
+    def usable_region_size(self) -> int: ...
+    @property
+    def bitmap(self) -> BlockBitmap: ...  # its take_window() tells what changed since the last save
+
+
+def _geometry_text(g: object) -> str:
+    try:
+        addr, size, block = (int(v) for v in g)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return repr(g)
+    return f"{addr:#x} + {fs(size)}, block {fs(block)}"
+
+
 class VirtioMemModel:
     def __init__(self, geometry: Geometry, requested_size: int = 0):
         self.geometry = geometry
@@ -172,15 +194,27 @@ class VirtioMemModel:
 
     # --- saved state (a successor process resumes from it) ---------------------
 
-    def to_record(self) -> dict[str, int | str]:
-        return {"requested_size": self.requested_size, "usable_region_size": self.usable_region_size,
-                "bitmap": self.bitmap.to_bytes().hex()}
+    def to_record(self) -> DeviceRecord:
+        """The state a successor needs, as a view: the model itself, read with
+        the device lock held (nothing is copied on the per-request path)."""
+        return self
 
     def restore(self, record: object) -> None:
         """Take a saved state of this geometry; raises ValueError naming what
-        does not fit (then nothing is changed)."""
-        if not isinstance(record, dict) or set(record) != {"requested_size", "usable_region_size", "bitmap"}:
+        does not fit (then nothing is changed).
+
+        ``record``: a dict with requested_size, usable_region_size and bitmap
+        (bytes, or hex as state format 1 has it), and optionally geometry
+        ([addr, region_size, block_size], which must be this device's)."""
+        keys = {"requested_size", "usable_region_size", "bitmap"}
+        if not isinstance(record, dict) or not keys <= set(record) <= keys | {"geometry"}:
             raise ValueError("device state: expected requested_size, usable_region_size and bitmap")
+        if "geometry" in record:
+            g = self.geometry
+            mine = [g.addr, g.region_size, g.block_size]
+            if list(record["geometry"]) != mine:
+                raise ValueError(f"device state: saved for region {_geometry_text(record['geometry'])}, "
+                                 f"this device is {_geometry_text(mine)}")
         requested, usable, bits = record["requested_size"], record["usable_region_size"], record["bitmap"]
         try:
             self.check_requested_size(requested)
@@ -189,10 +223,15 @@ class VirtioMemModel:
         if not isinstance(usable, int) or isinstance(usable, bool) or not 0 <= usable <= self.geometry.region_size \
                 or usable % self.block_size or usable < self._usable_for(requested):
             raise ValueError(f"device state: usable_region_size {usable!r} does not fit this device")
-        if not isinstance(bits, str):
-            raise ValueError("device state: bitmap must be a hex string")
+        if isinstance(bits, str):
+            try:
+                bits = bytes.fromhex(bits)
+            except ValueError as exc:
+                raise ValueError(f"device state: bitmap: {exc}") from exc
+        if not isinstance(bits, (bytes, bytearray)):
+            raise ValueError("device state: bitmap must be bytes or a hex string")
         try:
-            bitmap = BlockBitmap.from_bytes(self.geometry.nblocks, bytes.fromhex(bits))
+            bitmap = BlockBitmap.from_bytes(self.geometry.nblocks, bytes(bits))
         except ValueError as exc:
             raise ValueError(f"device state: bitmap: {exc}") from exc
         self.bitmap, self.requested_size, self.usable_region_size = bitmap, requested, usable

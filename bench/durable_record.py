@@ -1,0 +1,246 @@
+"""What saving a request's state costs, with no socket and no daemon around it.
+
+    .venv/bin/python -m bench.durable_record [--n 20000] [--dir /dev/shm]
+
+The daemon's own model (``virtio_mem.VirtioMemModel``) and keeper
+(``daemon.keeper.ConnectionKeeper``) in this process, on files in ``--dir``
+(tmpfs by default, as the systemd unit keeps the state in /run). Per
+request: commit a one-block PLUG or UNPLUG in the model (not timed), then
+time what ``FrontendConnection._answer`` does to save it:
+
+- ``record``: the per-request save of this version
+  (``DeviceRecordFile.answer``: a slot of PATH.dev written through its
+  shared mapping, the changed bitmap bytes copied);
+- ``file (format 1)``: what the previous version did (the whole state as
+  JSON, the bitmap in hex, written to a new file renamed over the old one),
+  reproduced here for comparison.
+
+For regions of 1 GiB, 1 TiB and 16 TiB with 2 MiB blocks (bitmaps of 64
+bytes, 64 KiB, 1 MiB). Medians of ``--n`` saves, best of ``--rounds``
+rounds (this machine is shared). Also: writing both files anew (the
+first save of a connection, and a change too large for a slot), an
+UNPLUG_ALL's save with every block plugged (a zero window over the whole
+bitmap) and reading the state back (what a successor does once).
+
+    .venv/bin/python -m bench.durable_record --drain [--n 20000] [--rounds 5]
+
+times ``FrontendConnection._drain`` for one PLUG and one UNPLUG of a 2 MiB
+block (never-touched: 256 PLUGs, then 256 UNPLUGs, over again), the daemon's
+engine, device (fake host: no punch) and connection objects in this process
+with no socket and no wake-up, without and with a state file on tmpfs,
+alternately per round; the difference is what ``--state-file`` adds to the
+serving thread's Python per state-changing request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+from vmemdev.daemon import devrecord, keeper
+from vmemdev.vhost.snapshot import EngineRecord
+from vmemdev.virtio_mem.model import Geometry, Plug, Unplug, UnplugAll, VirtioMemModel
+
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+ADDR = 1 << 32
+ENGINE = EngineRecord(1, 2, True, 15, ((0, 1 << 20, 0x7000_0000_0000, 0),), ())
+ANSWER_REQUEST = bytes(24)
+ANSWER_RESPONSE = bytes(10)
+ns = time.perf_counter_ns
+
+
+def _format1_save(path: str, engine: EngineRecord, model: VirtioMemModel, answer: keeper.SavedAnswer) -> None:
+    """The previous version's save, as it was (keeper.py before format 2)."""
+    text = json.dumps({"format": 1, "engine": engine.to_obj(),
+                       "device": {"requested_size": model.requested_size,
+                                  "usable_region_size": model.usable_region_size,
+                                  "bitmap": model.bitmap.to_bytes().hex()},
+                       "answer": answer.to_json()})
+    temporary = path + ".new"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.rename(temporary, path)
+
+
+def _toggle(model: VirtioMemModel, i: int) -> None:
+    """A one-block PLUG, then its UNPLUG, alternately, over the first 1024 blocks."""
+    block = (i // 2) % min(1024, model.geometry.nblocks)
+    addr = model.block_addr(block)
+    bs = model.block_size
+    model.commit(Plug(block, 1, addr, bs) if i % 2 == 0 else Unplug(block, 1, addr, bs))
+
+
+def measure(region: int, n: int, rounds: int, directory: str) -> dict[str, float]:
+    model = VirtioMemModel(Geometry(ADDR, region, 2 * MiB), min(region, 1 << 40))
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        path = os.path.join(tmp, "bench.state")
+        k = keeper.ConnectionKeeper(path)
+        k.save(ENGINE, model.to_record())
+        record = k.device_record
+        assert record is not None
+        for name in ("record", "file (format 1)"):
+            best = None
+            for _ in range(rounds):
+                samples = []
+                for i in range(n if name == "record" else max(n // 20, 200)):
+                    _toggle(model, i)
+                    answer = (0, i & 0xFFFF, ANSWER_REQUEST, ANSWER_RESPONSE, (i + 1) & 0xFFFF)
+                    if name == "record":
+                        t = ns()
+                        record.answer(model.to_record(), *answer)
+                        samples.append(ns() - t)
+                    else:
+                        t = ns()
+                        _format1_save(path + ".f1", ENGINE, model, keeper.SavedAnswer(*answer))
+                        samples.append(ns() - t)
+                model.bitmap.take_touched()
+                med = statistics.median(samples) / 1000
+                best = med if best is None else min(best, med)
+            out[f"{name} µs"] = best
+        # UNPLUG_ALL with every block plugged: a zero window over the whole bitmap.
+        model.commit(Plug(0, model.geometry.nblocks, ADDR, region))
+        t = ns()
+        k.save(ENGINE, model.to_record())  # all of the bitmap changed: PATH.dev anew (and PATH)
+        out["whole files anew µs"] = (ns() - t) / 1000
+        record = k.device_record
+        assert record is not None
+        model.commit(UnplugAll(model.plugged_size))
+        t = ns()
+        saved = record.answer(model.to_record(), 0, 0, ANSWER_REQUEST, ANSWER_RESPONSE, 1)
+        out["UNPLUG_ALL of all blocks µs"] = (ns() - t) / 1000
+        assert saved is True  # a zero window fits a slot
+        t = ns()
+        state = keeper.load(path)
+        out["load (a successor, once) µs"] = (ns() - t) / 1000
+        assert state.device["bitmap"] == model.bitmap.to_bytes()
+        out["PATH.dev bytes"] = os.path.getsize(path + ".dev")
+        out["bitmap bytes"] = devrecord.bitmap_length(model.geometry.nblocks)
+        k.forget()
+    return out
+
+
+def drain(persist: bool, n: int, directory: str) -> tuple[float, float]:
+    """Median µs of _drain for a PLUG and for an UNPLUG."""
+    import gc
+    import logging
+    import socket
+
+    from bench import phases
+    from vmemdev.daemon.connection import FrontendConnection
+    from vmemdev.host.fake import FakeHost
+    from vmemdev.protocol import virtio_mem as vm
+    from vmemdev.protocol.virtqueue import DESC_F_NEXT, DESC_F_WRITE
+    from vmemdev.virtio_mem.device import VirtioMem
+
+    logging.disable(logging.WARNING)
+    # The bench's daemons run with --memmap-observe off (bench/common.py): so does this device.
+    phases.VirtioMem = lambda g, r, host: VirtioMem(g, r, host=FakeHost(), memmap_observe=False)  # type: ignore
+    engine, device, ram, ring = phases._attached()
+    a, b = socket.socketpair()
+
+    def serve(request):  # DeviceRuntime.serve_request without the lock
+        step = device.begin(request.data, request.writable)
+        if not isinstance(step, bytes):
+            step = device.finish(step, step.run(device.host))
+        return step
+
+    tmp = tempfile.TemporaryDirectory(dir=directory)
+    persistence = None
+    if persist:
+        model = device.model
+        persistence = keeper.Persistence(
+            keeper.ConnectionKeeper(os.path.join(tmp.name, "bench.state")), record=model.to_record,
+            version=lambda: (model.bitmap.count, model.requested_size, model.usable_region_size))
+    conn = FrontendConnection(a, device, engine.memory, serve, persistence=persistence)
+    conn.engine = engine
+    conn.persist(fds=False)
+    resp = ram.alloc(16, 8)
+    kinds = (vm.RequestType.PLUG, vm.RequestType.UNPLUG)
+    reqs = {}
+    for kind in kinds:
+        for block in range(256):
+            r = ram.alloc(32, 8)
+            ram.write(r, vm.MemRequest(kind, ADDR + block * 2 * MiB, 1).pack())
+            reqs[kind, block] = r
+    samples: tuple[list[int], list[int]] = ([], [])
+    fds = conn.rings[0]
+    n = -(-n // 512) * 512  # whole cycles: 256 PLUGs, 256 UNPLUGs
+    gc.disable()
+    try:
+        for i in range(n):
+            phase = (i // 256) % 2
+            ring.write_desc(0, reqs[kinds[phase], i % 256], vm.REQUEST_SIZE, DESC_F_NEXT, 1)
+            ring.write_desc(1, resp, vm.RESPONSE_SIZE, DESC_F_WRITE, 0)
+            ring.publish(0)
+            t = ns()
+            conn._drain(fds)
+            samples[phase].append(ns() - t)
+            assert ring.pop_used() is not None
+    finally:
+        gc.enable()
+    assert device.model.plugged_size == 0
+    if persistence is not None:
+        persistence.keeper.forget()
+    conn.close()
+    b.close()
+    ram.close()
+    tmp.cleanup()
+    return statistics.median(samples[0]) / 1000, statistics.median(samples[1]) / 1000
+
+
+def main_drain(args: argparse.Namespace) -> int:
+    print(f"# python -m bench.durable_record --drain --n {args.n} --rounds {args.rounds} --dir {args.dir}")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, Python {platform.python_version()}, "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+    print("| round | PLUG without µs | PLUG with µs | + µs | UNPLUG without µs | UNPLUG with µs | + µs |")
+    print("|---|---|---|---|---|---|---|")
+    plus: tuple[list[float], list[float]] = ([], [])
+    for i in range(args.rounds):
+        without = drain(False, args.n, args.dir)
+        with_ = drain(True, args.n, args.dir)
+        for k in (0, 1):
+            plus[k].append(with_[k] - without[k])
+        print(f"| {i + 1} | {without[0]:.2f} | {with_[0]:.2f} | {plus[0][-1]:+.2f} | {without[1]:.2f} | "
+              f"{with_[1]:.2f} | {plus[1][-1]:+.2f} |")
+    print(f"| median | | | {statistics.median(plus[0]):+.2f} | | | {statistics.median(plus[1]):+.2f} |")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.durable_record", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--dir", default="/dev/shm")
+    ap.add_argument("--drain", action="store_true", help="time _drain with and without a state file")
+    args = ap.parse_args(argv)
+    if args.drain:
+        return main_drain(args)
+    print(f"# python -m bench.durable_record --n {args.n} --rounds {args.rounds} --dir {args.dir}")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, Python {platform.python_version()}, "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+    rows = []
+    for label, region in (("1 GiB", GiB), ("1 TiB", TiB), ("16 TiB", 16 * TiB)):
+        rows.append((label, measure(region, args.n, args.rounds, args.dir)))
+    columns = list(rows[0][1])
+    print("| region (2 MiB blocks) | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for label, values in rows:
+        print(f"| {label} | " + " | ".join(f"{values[c]:.2f}" if "µs" in c else f"{values[c]:,}"
+                                          for c in columns) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
