@@ -58,7 +58,7 @@ class Held:
 
     def kill(self) -> None:
         """After a failure: the worker too (it outlives a holder killed with SIGKILL)."""
-        worker = only_child(self.proc.pid)
+        worker = only_child(self.proc.pid) if self.proc.poll() is None else None
         for pid in ([worker] if worker else []) + [self.proc.pid]:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -89,6 +89,13 @@ async def test_kill_9_is_a_pause_for_the_front_end(tmp_path, nursery):
             assert await fe.state(A, 8) == (ResponseType.ACK, BlockState.MIXED)
         status = held.ctl("status")
         assert status["pid"] != first and status["resumed"]["count"] == 1
+        # A second death: the count spans every process that served the connection.
+        second = held.kill_worker()
+        with trio.fail_after(20):
+            assert await fe.state(A, 8) == (ResponseType.ACK, BlockState.MIXED)
+        status = held.ctl("status")
+        assert status["pid"] not in (first, second) and status["resumed"]["count"] == 2
+        assert status["resumed"]["by"] == "restart"
         assert status["plugged_size"] == 8 * MiB and status["frontend"] == "attached"
         assert fe.dimm_allocated() <= 8 * MiB  # nothing allocated for unplugged blocks
         # A resize after the restart reaches the driver through the kept backend channel.

@@ -220,8 +220,10 @@ def test_c_low_memory_hot_add(lab, kind):
         est_kb = m["memmap_bytes"] // m["linux_memory_blocks_used"] // KiB
         assert m["linux_memory_blocks_used"] == REGION_BLOCKS, m
         assert m["memmap_bytes"] == REGION_BLOCKS * 2 * MiB, m
-        # the lab's guest onlines movable: no memmap appeared in the region (memmap.md)
-        assert m["onlining"] == "movable" and m["held_in_region"] == 0, m
+        # the lab's guest onlines movable: no memmap appeared in the region (memmap.md). With
+        # 256M of boot memory an auto-movable guest would also put its first 8 blocks movable,
+        # so after 8 the daemon can only say "movable so far" (memmap.py, movable_after)
+        assert m["onlining"] in ("movable", "movable-so-far") and m["held_in_region"] == 0, m
         assert m["charged_to_boot_memory"] == m["memmap_bytes"], m
         stats = lab.device.daemon.execute("query-stats")
         plug = stats["requests"].get("PLUG", {})

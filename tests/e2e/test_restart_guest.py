@@ -152,7 +152,7 @@ def crash_inside(lab, sc: str, extra: tuple[str, ...], start: int, target: int, 
     t0 = time.monotonic()
     lab.device.resize(target)
     lab.wait_target(target, t0=t0, where=f"{what}: {mib(start)} -> {mib(target)} across the crash",
-                    timeout=600)
+                    timeout=600, every_poll="--prealloc" not in extra)
     took = time.monotonic() - t0
     assert marker.exists(), "the crash point was not reached"
     log = lab.device.daemon.log_text()

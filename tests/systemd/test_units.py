@@ -148,7 +148,7 @@ async def test_kill_9_restarts_with_the_fd_store_and_the_connection_lives_on(vm0
         pids.append(int(shown["MainPID"]))
         assert int(shown["NFileDescriptorStore"]) == STORED, shown
         status = await sync(box.ctl, VM, "status")
-        assert status["pid"] == pids[-1] and status["resumed"]["count"] == 1 and status["resumed"]["by"] == "restart"
+        assert status["pid"] == pids[-1] and status["resumed"]["count"] == kill and status["resumed"]["by"] == "restart"
         assert status["plugged_size"] == (8 + 4 * kill) * MiB and status["frontend"] == "attached"
     # A resize after the restarts reaches the driver through the kept backend channel.
     seen = fe.config_changes

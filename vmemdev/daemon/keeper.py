@@ -79,6 +79,29 @@ class SavedState:
     engine: EngineRecord
     device: dict[str, Any]  # for VirtioMemModel.restore
     answer: SavedAnswer | None
+    restores: Restores | None = None  # how often this connection was resumed before
+
+
+@dataclass(frozen=True)
+class Restores:
+    """How many times this connection was resumed by a new program (after a
+    death or for an upgrade), the last time and why: kept in PATH, so the
+    count spans every process that served the connection."""
+
+    count: int
+    last: float
+    by: str  # "restart" or "upgrade"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "last": self.last, "by": self.by}
+
+    @classmethod
+    def from_json(cls, raw: object) -> Restores:
+        if not isinstance(raw, dict) or set(raw) != {"count", "last", "by"} \
+                or not isinstance(raw["count"], int) or isinstance(raw["count"], bool) or raw["count"] < 1 \
+                or not isinstance(raw["last"], (int, float)) or raw["by"] not in ("restart", "upgrade"):
+            raise ValueError(f"restores: expected count >= 1, last and by (restart or upgrade), not {raw!r}")
+        return cls(raw["count"], float(raw["last"]), raw["by"])
 
 
 @dataclass
@@ -100,6 +123,7 @@ class ConnectionKeeper:
         # PATH.dev, open once the first full save made it: its answer() is the per-request save.
         self.device_record: devrecord.DeviceRecordFile | None = None
         self._id = 0  # pairs PATH with PATH.dev
+        self.restores: Restores | None = None  # saved in PATH: set by a successor
 
     def keep_fds(self, fds: dict[str, int]) -> None:
         """Make the fd store hold exactly these. fds of one open file go once,
@@ -132,8 +156,11 @@ class ConnectionKeeper:
             self._rewrite(device, parts)
         if self._engine is None or self._engine[0] != engine:
             self._engine = (engine, engine.to_obj())
-        text = json.dumps({"format": FORMAT, "engine": self._engine[1],
-                           "device": {"file": os.path.basename(self.device_path), "id": f"{self._id:016x}"}})
+        state: dict[str, Any] = {"format": FORMAT, "engine": self._engine[1],
+                                 "device": {"file": os.path.basename(self.device_path), "id": f"{self._id:016x}"}}
+        if self.restores is not None:
+            state["restores"] = self.restores.to_json()
+        text = json.dumps(state)
         temporary = self.path + ".new"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -215,8 +242,9 @@ def load(path: str) -> SavedState:
             raise ValueError(f"format {found!r}, this version reads {' and '.join(map(str, READS))}")
         if raw["format"] == 1:
             return _load_1(raw)
-        if set(raw) != {"format", "engine", "device"}:
-            raise ValueError("expected format, engine and device")
+        if set(raw) - {"restores"} != {"format", "engine", "device"}:
+            raise ValueError("expected format, engine, device (and restores)")
+        restores = Restores.from_json(raw["restores"]) if "restores" in raw else None
         engine = EngineRecord.from_json(json.dumps(raw["engine"]))
         ref = raw["device"]
         if not isinstance(ref, dict) or set(ref) != {"file", "id"} \
@@ -234,7 +262,7 @@ def load(path: str) -> SavedState:
                          f"{path} names {ident:016x})")
     answer = None if dev.answer is None else SavedAnswer(*dev.answer)
     return SavedState(engine, {"requested_size": dev.requested_size, "usable_region_size": dev.usable_region_size,
-                               "bitmap": dev.bitmap, "geometry": list(dev.geometry)}, answer)
+                               "bitmap": dev.bitmap, "geometry": list(dev.geometry)}, answer, restores)
 
 
 def _load_1(raw: dict[str, Any]) -> SavedState:

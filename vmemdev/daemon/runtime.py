@@ -36,7 +36,7 @@ from ..virtio_mem.protection import DEFAULT_RESCUE_MARGIN
 from . import handover, keeper
 from .connection import FrontendConnection
 from .events import EventBus
-from .keeper import ConnectionKeeper, Persistence, SavedAnswer, SavedState
+from .keeper import ConnectionKeeper, Persistence, Restores, SavedAnswer, SavedState
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,10 @@ class DeviceRuntime:
         self.frontend: FrontendConnection | None = None
         self.sessions_ended = 0  # front-end connections served to the end
         self.state_file = state_file  # keep the attached connection resumable (keeper.py)
-        self.restores: list[float] = []  # when a connection was resumed from a dead process
+        self.restores: Restores | None = None  # how often the attached connection was resumed (keeper.py)
         self.started = time.time()
         self.argv: list[str] | None = None  # this program's arguments, for an upgrade in place
         self.listener_fd: int | None = None  # the vhost-user listening socket, for an upgrade
-        self.resumed_by: str | None = None  # "restart" or "upgrade": how this process got its connection
         self._upgrading = False
 
     @property
@@ -111,11 +110,14 @@ class DeviceRuntime:
             self.frontend = FrontendConnection(sock, self.device, memory, self.serve_request, lock=self.lock,
                                                tracer=tracer, engine=engine,
                                                persistence=self._persistence(state.answer))
+            before = state.restores.count if state.restores is not None else 0
+            self.restores = Restores(before + 1, time.time(), reason)
             self.frontend.adopt_fds(fds)
             # What the store holds for us already: the next change removes these names
             # first (systemd does not replace an fd stored under a name again, it adds one).
             if self.frontend.persistence is not None:
                 self.frontend.persistence.keeper.adopt(self.frontend.fds_by_role())
+                self.frontend.persistence.keeper.restores = self.restores  # saved with the next save
             self.device.attach(memory)
             try:
                 reclaimed = self.device.reclaim_unplugged()
@@ -125,17 +127,15 @@ class DeviceRuntime:
                 if reclaimed:
                     log.warning("gave back %d bytes the dead process left allocated in unplugged blocks",
                                 reclaimed)
-        self.restores.append(time.time())
-        self.resumed_by = reason
         d = self.device
         if reason == "upgrade":
-            log.warning("upgraded in place: resumed the front-end connection, plugged %d, requested %d",
-                        d.plugged_size, d.requested_size)
+            log.warning("upgraded in place: resumed the front-end connection (resume %d), plugged %d, "
+                        "requested %d", self.restores.count, d.plugged_size, d.requested_size)
         else:
-            log.warning("resumed the front-end connection of a process that died: plugged %d, requested %d",
-                        d.plugged_size, d.requested_size)
+            log.warning("resumed the front-end connection of a process that died (resume %d): plugged %d, "
+                        "requested %d", self.restores.count, d.plugged_size, d.requested_size)
         self.events.publish("CONNECTION_RESUMED", plugged=d.plugged_size, requested=d.requested_size,
-                            reason=reason)
+                            reason=reason, count=self.restores.count)
         return self.frontend
 
     def disconnected(self) -> None:
@@ -207,8 +207,8 @@ class DeviceRuntime:
             out = self.device.status()
         out["frontend"] = "attached" if self.frontend_attached else "waiting"
         out["pid"] = os.getpid()
-        out["resumed"] = {"count": len(self.restores), "last": self.restores[-1] if self.restores else None,
-                          "by": self.resumed_by}
+        r = self.restores if self.frontend is not None else None  # the attached connection's
+        out["resumed"] = {"count": 0, "last": None, "by": None} if r is None else r.to_json()
         out["started"] = self.started
         return out
 
