@@ -25,6 +25,11 @@ recording_vmemdev.py):
   tmpfs-norescue  the same with `--memmap-rescue off` (the control: what the
             rescue spares the guest); watched for 130 s, then m4's workloads
             (forks, 8 MiB written, 12 MiB of kernel memory) and its OOM/panic lines
+  limit-movable, limit-memmap-on-memory, limit-kernel, limit-small-movable
+            the guest's own limit per onlining (README, "The memmap limit"):
+            512M boot, 32G region (256M and 16G for small-movable), the whole
+            region asked with --force and the rescue off; the LIMIT lines of
+            the notes are the table's
 
 Writes DIR/SCENARIO.jsonl (one answered request per line, see
 recording_vmemdev.py) and DIR/SCENARIO.notes.txt (what was done, the guest's
@@ -164,8 +169,49 @@ def tmpfs_norescue(out: Path, notes: list[str]) -> harness.Lab:
     return lab
 
 
+def limit(name: str, ram: str, region: str, kernel_args: tuple[str, ...]):
+    """The guest's own limit, unprotected: the whole region asked with --force and
+    the rescue off; watched until plugged stops moving for 20 s (the driver's
+    retry comes 50 s after a failure), then 30 s more for the guest's fate."""
+    def run(out: Path, notes: list[str]) -> harness.Lab:
+        lab = start(name, out, ram=ram, region=region, kernel_args=kernel_args,
+                    daemon_args=("--memmap-rescue", "off"))
+        notes.append(f"{ram} boot, {region} region, kernel args {' '.join(kernel_args) or '(lab default)'}; "
+                     f"guest onlining: {lab.online_settings()}; kernel free {kernel_free(lab) / MiB:.1f} MiB")
+        size = harness.parse_size(region)
+        lab.device.daemon.execute("resize", size=size, force=True)
+        t0 = last_change = time.monotonic()
+        last = -1
+        while time.monotonic() - last_change < 20 and time.monotonic() - t0 < 900:
+            plugged, _ = lab.device.sizes()
+            if plugged != last:
+                last, last_change = plugged, time.monotonic()
+            if plugged == size:
+                break
+            time.sleep(0.5)
+        status = lab.device.daemon.status()
+        notes.append(f"LIMIT plugged reached {harness.mib(last)} of {region} "
+                     f"({time.monotonic() - t0:.0f} s after the resize); onlining seen {status['memmap']['onlining']}; "
+                     f"memmap held in the region {harness.mib(status['memmap']['held_in_region'])}; "
+                     f"hot-add failures {status['hot_add_failures']['total']}")
+        time.sleep(30)
+        try:
+            failed = lab.guest.run("dmesg | grep -c 'adding memory failed' ; true", timeout=20)[1].strip()
+            notes.append(f"LIMIT 30 s later: the guest answers; 'adding memory failed' logged {failed} time(s)")
+        except Exception as exc:  # dying of what this measures
+            notes.append(f"LIMIT 30 s later: the guest does not answer ({str(exc).splitlines()[0]})")
+        return lab
+    run.__doc__ = limit.__doc__
+    return run
+
+
 SCENARIOS = {"rollback": rollback, "ordinary": ordinary, "bbm": bbm, "auto-movable": auto_movable,
-             "tmpfs": tmpfs, "tmpfs-norescue": tmpfs_norescue}
+             "tmpfs": tmpfs, "tmpfs-norescue": tmpfs_norescue,
+             "limit-movable": limit("limit-movable", "512M", "32G", ()),
+             "limit-memmap-on-memory": limit("limit-memmap-on-memory", "512M", "32G",
+                                             ("memory_hotplug.memmap_on_memory=1",)),
+             "limit-kernel": limit("limit-kernel", "512M", "32G", ("memhp_default_state=online_kernel",)),
+             "limit-small-movable": limit("limit-small-movable", "256M", "16G", ())}
 
 
 def main() -> int:
