@@ -303,11 +303,12 @@ def test_a_state_file_without_a_kept_connection_is_stale(tmp_path):
     """A fresh start (no fds kept) never reads an old state as this device's."""
     state = tmp_path / "vm0.state"
     state.write_text("left over from a VM long gone")
+    (tmp_path / "vm0.state.dev").write_bytes(b"and its device record")
     proc = subprocess.Popen(VMEMDEV + ["serve", "--socket-path", str(tmp_path / "vm0.sock"),
                                        "--state-file", str(state)], stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: (tmp_path / "vm0.ctl").exists())
-        assert not state.exists()
+        assert not state.exists() and not (tmp_path / "vm0.state.dev").exists()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
         assert "removing the stale state" in proc.stderr.read()

@@ -252,9 +252,10 @@ def _resume(runtime, state_file: str | None, fds: dict[str, int]):
     if state_file is None:
         return None
     if "conn" not in fds:  # nothing to resume: a state file left over describes no live connection
-        if os.path.exists(state_file):
-            log.info("no kept connection: removing the stale state %s", state_file)
-            os.unlink(state_file)
+        for stale in (state_file, state_file + ".dev"):  # PATH.dev: keeper.py
+            if os.path.exists(stale):
+                log.info("no kept connection: removing the stale state %s", stale)
+                os.unlink(stale)
         return None
     from ..vhost.snapshot import StateError
 
