@@ -159,8 +159,7 @@ class DataSafety(RuleBasedStateMachine):
     @invariant()
     def nothing_is_lost(self):
         STATS["steps"] += 1
-        device = self.dev.service.device.model
-        assert device.plugged_size == device.bitmap.count * B == len(self.plugged) * B
+        self._check_plugged_size()
         for start, length in native.data_extents(self.fe.ram.dimm_fd):
             for block in range(start // B, (start + length - 1) // B + 1):
                 assert block in self.plugged, f"host data in unplugged block {block}"
@@ -171,7 +170,11 @@ class DataSafety(RuleBasedStateMachine):
             assert self.fe.ram.read(gpa + B - 4096, 4096) == expected, f"plugged block {block} changed"
 
 
+    def _check_plugged_size(self) -> None:
+        device = self.dev.service.device.model
+        assert device.plugged_size == device.bitmap.count * B == len(self.plugged) * B
+
+
 TestDataSafety = DataSafety.TestCase
 TestDataSafety.settings = settings(max_examples=150, stateful_step_count=60, deadline=None,
                                    suppress_health_check=list(HealthCheck))
-
