@@ -109,7 +109,6 @@ class Persistence:
     """What a connection needs to keep itself resumable (given by the runtime)."""
 
     keeper: ConnectionKeeper
-    version: Callable[[], object]  # changes whenever the device's state does (the request path asks the keeper)
     record: Callable[[], DeviceRecord]  # the device's state, for the files
     answer: SavedAnswer | None = None  # a successor's: the last answer of the dead process
 

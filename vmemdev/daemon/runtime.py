@@ -86,9 +86,7 @@ class DeviceRuntime:
         if self.state_file is None:
             return None
         model = self.device.model
-        return Persistence(ConnectionKeeper(self.state_file),
-                           version=lambda: (model.bitmap.count, model.requested_size, model.usable_region_size),
-                           record=model.to_record, answer=answer)
+        return Persistence(ConnectionKeeper(self.state_file), record=model.to_record, answer=answer)
 
     def resume(self, state: SavedState, fds: dict[str, int], tracer: Any = None,
                reason: str = "restart") -> FrontendConnection:
