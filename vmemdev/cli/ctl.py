@@ -238,18 +238,22 @@ def describe_refusals(before: dict, after: dict) -> str:
     return "; ".join(parts) or "no requests refused: is the guest driver loaded and onlining memory?"
 
 
+def _status_or_none(path: str) -> dict | None:
+    try:
+        with Client(path, timeout=5) as client:
+            return client.execute("query-status")
+    except (VmemdevError, OSError):
+        return None
+
+
 def wait_for_upgrade(path: str, started: float, timeout: float) -> dict:
     """The new process's status once it serves (its start time is after
     ``started``); raises VmemdevError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            with Client(path, timeout=5) as client:
-                status = client.execute("query-status")
-            if status["started"] > started:
-                return status
-        except (VmemdevError, OSError):
-            pass  # not listening yet, or the old process closing
+        status = _status_or_none(path)  # None: not listening yet, or the old process closing
+        if status is not None and status["started"] > started:
+            return status
         if time.monotonic() > deadline:
             raise VmemdevError(f"the upgraded daemon did not answer on {path} within {timeout:.0f} s: "
                                "see its log (journalctl -u vmemdev@NAME)")

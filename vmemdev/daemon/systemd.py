@@ -8,13 +8,10 @@ needed.
 from __future__ import annotations
 
 import array
-import errno
-import fcntl
 import json
 import logging
 import os
 import socket
-import stat
 import sys
 from collections.abc import Sequence
 
@@ -51,24 +48,12 @@ def store_fds(name: str, fds: Sequence[int]) -> bool:
 
 def same_file(a: int, b: int) -> bool:
     """Whether systemd's fd store takes ``a`` and ``b`` for one file, as its
-    same_fd() does: kcmp(2) KCMP_FILE (one open file description); without
-    kcmp, the same inode (never for devices) and the same file status flags."""
+    same_fd() does (``host.probes.same_file``: kcmp, or the inode without it)."""
     if a == b:
         return True
-    from ..errors import NativeError
-    from ..host import native
+    from ..host.probes import same_file as probe  # the shim, loaded only when a store is kept
 
-    try:
-        return native.same_file(a, b)
-    except NativeError as exc:
-        if exc.errno not in (errno.ENOSYS, errno.EPERM, errno.EACCES):
-            raise
-    sa, sb = os.fstat(a), os.fstat(b)
-    if (sa.st_dev, sa.st_ino) != (sb.st_dev, sb.st_ino):
-        return False
-    if stat.S_ISCHR(sa.st_mode) or stat.S_ISBLK(sa.st_mode):
-        return False
-    return fcntl.fcntl(a, fcntl.F_GETFL) == fcntl.fcntl(b, fcntl.F_GETFL)
+    return probe(a, b)
 
 
 def group_same_files(fds: dict[str, int]) -> list[tuple[list[str], int]]:
