@@ -28,13 +28,14 @@ A = 1 << 32
 class Held:
     """`vmemdev hold -- vmemdev serve --state-file ...` and a front-end attached to it."""
 
-    def __init__(self, tmp_path, *serve_args: str, env: dict[str, str] | None = None, cwd: str | None = None):
+    def __init__(self, tmp_path, *serve_args: str, env: dict[str, str] | None = None, cwd: str | None = None,
+                 hold_args: tuple[str, ...] = ()):
         self.dir = tmp_path
         self.sock = str(tmp_path / "vm0.sock")
         self.state = tmp_path / "vm0.state"
         self.log_path = tmp_path / "hold.log"
         self.proc = subprocess.Popen(
-            VMEMDEV + ["hold", "--", *VMEMDEV, "serve", "--socket-path", self.sock,
+            VMEMDEV + ["hold", *hold_args, "--", *VMEMDEV, "serve", "--socket-path", self.sock,
                        "--state-file", str(self.state), "--requested-size", "64M", *serve_args],
             stderr=open(self.log_path, "w"), env=None if env is None else dict(os.environ, **env), cwd=cwd)
         wait_for(lambda: (tmp_path / "vm0.ctl").exists())

@@ -160,48 +160,63 @@ def test_journal_aware_and_json_logs(tmp_path):
     assert any(r["msg"] == "received SIGTERM, exiting" for r in records)
 
 
-def test_fds_of_one_file_are_stored_once_and_handed_back_under_each_name(monkeypatch):
+def test_fds_of_one_file_are_stored_once_and_each_role_gets_its_own(monkeypatch):
     """systemd's fd store keeps one fd per open file (same_fd(): kcmp): QEMU's
     RAM memfd, sent once per memory region, would lose every region but the
-    first. So such fds go once as "mem0+mem1", and a successor gets each name back."""
+    first. So roles that share a file share one entry, and a successor gives
+    each role its own fd of it again."""
     from vmemdev.daemon import systemd as sd
     from vmemdev.daemon.holder import FdStore
+    from vmemdev.daemon.storedfds import StoredFds
 
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     ram = os.memfd_create("ram")
     second_region = os.dup(ram)  # what a second SCM_RIGHTS copy of one fd is: the same open file
     other_ram = os.memfd_create("ram")  # the same name, another file
     kick, call = os.eventfd(0), os.eventfd(0)  # eventfds share one inode, not one file
-    fds = {"mem0": ram, "mem1": second_region, "mem2": other_ram, "call0": call}
-    groups = sd.group_same_files(fds)
-    assert [names for names, _ in groups] == [["mem0", "mem1"], ["mem2"], ["call0"]]
     assert sd.same_file(ram, second_region) and not sd.same_file(ram, other_ram) and not sd.same_file(kick, call)
-    # `vmemdev hold` keeps one fd per file, as systemd does.
+    stored = StoredFds()
+    stored.stage({"mem0": ram, "mem1": second_region, "mem2": other_ram, "call0": call})
+    assert stored.roles == {"mem0": "mem0@1", "mem1": "mem0@1", "mem2": "mem2@2", "call0": "call0@3"}
+    # `vmemdev hold` keeps one fd per file, as systemd does, whatever the name.
     store = FdStore()
-    store.store("mem0", [os.dup(ram)])
-    store.store("mem1", [os.dup(second_region)])
-    store.store("kick0", [os.dup(kick)])
-    store.store("call0", [os.dup(call)])
-    assert [name for name, _ in store.entries] == ["mem0", "kick0", "call0"]
+    store.store("mem0@1", [os.dup(ram)])
+    store.store("mem1@9", [os.dup(second_region)])
+    store.store("call0@3", [os.dup(call)])
+    assert [name for name, _ in store.entries] == ["mem0@1", "call0@3"]
     store.close()
-    # A successor: "mem0+mem1" gives both names, each its own fd of the one file.
+    # A successor: each role its own fd of the one file.
+    successor = StoredFds()
+    given = {"mem0@1": os.dup(ram), "mem2@2": os.dup(other_ram), "call0@3": os.dup(call)}
+    successor.adopt(given, stored.roles)
+    fds = successor.resolve(given)
+    assert fds["mem0"] == given["mem0@1"] and fds["mem1"] not in given.values()
+    assert sd.same_file(fds["mem0"], fds["mem1"]) and fds["mem2"] == given["mem2@2"]
+    for fd in (*fds.values(), ram, second_region, other_ram, kick, call):
+        os.close(fd)
+    stored.forget()
+    successor.forget()
+
+
+def test_listen_fds_gives_names_as_stored(monkeypatch):
+    from vmemdev.daemon import systemd as sd
+
     monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
     monkeypatch.setenv("LISTEN_FDS", "1")
-    monkeypatch.setenv("LISTEN_FDNAMES", "mem0+mem1")
+    monkeypatch.setenv("LISTEN_FDNAMES", "mem0@7")
     saved = os.dup(3) if _fd_open(3) else None
+    ram = os.memfd_create("ram")
     try:
         os.dup2(ram, 3, inheritable=True)
-        got = sd.listen_fds()
-        assert set(got) == {"mem0", "mem1"} and got["mem0"] == 3 and got["mem1"] != 3
-        assert sd.same_file(got["mem0"], got["mem1"]) and not os.get_inheritable(got["mem1"])
-        os.close(got["mem1"])
+        assert sd.listen_fds() == {"mem0@7": 3} and not os.get_inheritable(3)
+        assert "LISTEN_FDS" not in os.environ
     finally:
         if saved is not None:
             os.dup2(saved, 3)
             os.close(saved)
         else:
             os.close(3)
-        for fd in (ram, second_region, other_ram, kick, call):
-            os.close(fd)
+        os.close(ram)
 
 
 def _fd_open(fd: int) -> bool:
@@ -212,24 +227,24 @@ def _fd_open(fd: int) -> bool:
         return False
 
 
-def test_the_store_is_touched_only_where_an_fd_changed(tmp_path, monkeypatch):
-    """Most vhost-user messages change no fd: then nothing is removed from the
-    store (a death just then would find it half rewritten). A replaced call
-    eventfd is removed and stored again; a closed and reused fd number is seen."""
-    import socket as socketmod
+class NotifyListener:
+    """A stand-in for the service manager's notify socket: what was sent, in order."""
 
-    from vmemdev.daemon.keeper import ConnectionKeeper
+    def __init__(self, tmp_path, monkeypatch):
+        import socket as socketmod
 
-    listener = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_DGRAM)
-    listener.bind(str(tmp_path / "notify"))
-    listener.setblocking(False)
-    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+        self.sock = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_DGRAM)
+        self.sock.bind(str(tmp_path / "notify"))
+        self.sock.setblocking(False)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
 
-    def sent() -> list[str]:
+    def sent(self) -> list[str]:
+        import socket as socketmod
+
         out = []
         while True:
             try:
-                data, ancdata, _, _ = listener.recvmsg(4096, socketmod.CMSG_SPACE(16 * 4))
+                data, ancdata, _, _ = self.sock.recvmsg(4096, socketmod.CMSG_SPACE(16 * 4))
             except BlockingIOError:
                 return out
             for level, kind, payload in ancdata:  # close what the keeper sent us
@@ -238,22 +253,81 @@ def test_the_store_is_touched_only_where_an_fd_changed(tmp_path, monkeypatch):
                         os.close(int.from_bytes(payload[i:i + 4], "little"))
             out.append(data.decode().replace("\n", " "))
 
+
+def test_the_store_is_touched_only_where_an_fd_changed(tmp_path, monkeypatch):
+    """Most vhost-user messages change no fd: then the store is not touched. A
+    replaced call eventfd goes in under a new name before the old entry is
+    removed; a closed and reused fd number is seen as another file."""
+    from vmemdev.daemon.storedfds import StoredFds
+
+    notify = NotifyListener(tmp_path, monkeypatch)
     ram, kick, call = os.memfd_create("ram"), os.eventfd(0), os.eventfd(0)
-    keeper = ConnectionKeeper(str(tmp_path / "vm0.state"))
-    keeper.keep_fds({"mem0": ram, "mem1": ram, "kick0": kick, "call0": call})
-    assert sent() == ["FDSTORE=1 FDNAME=mem0+mem1", "FDSTORE=1 FDNAME=kick0", "FDSTORE=1 FDNAME=call0"]
-    keeper.keep_fds({"mem0": ram, "mem1": ram, "kick0": kick, "call0": call})
-    assert sent() == []  # e.g. SET_VRING_ENABLE: nothing to do
+    stored = StoredFds()
+    stored.stage({"mem0": ram, "mem1": ram, "kick0": kick, "call0": call})
+    stored.commit()
+    assert notify.sent() == ["FDSTORE=1 FDNAME=mem0@1", "FDSTORE=1 FDNAME=kick0@2", "FDSTORE=1 FDNAME=call0@3"]
+    stored.stage({"mem0": ram, "mem1": ram, "kick0": kick, "call0": call})
+    stored.commit()
+    assert notify.sent() == []  # e.g. SET_VRING_ENABLE: nothing to do
     new_call = os.eventfd(0)
-    keeper.keep_fds({"mem0": ram, "mem1": ram, "kick0": kick, "call0": new_call})
-    assert sent() == ["FDSTOREREMOVE=1 FDNAME=call0", "FDSTORE=1 FDNAME=call0"]
+    stored.stage({"mem0": ram, "mem1": ram, "kick0": kick, "call0": new_call})
+    assert notify.sent() == ["FDSTORE=1 FDNAME=call0@4"]  # the old one stays until the state names the new
+    stored.commit()
+    assert notify.sent() == ["FDSTOREREMOVE=1 FDNAME=call0@3"]
     os.close(kick)
     reused = os.eventfd(0)  # likely the same number as the closed kick: another file
-    keeper.keep_fds({"mem0": ram, "mem1": ram, "kick0": reused, "call0": new_call})
-    assert sent() == ["FDSTOREREMOVE=1 FDNAME=kick0", "FDSTORE=1 FDNAME=kick0"]
-    keeper.forget()
-    assert sorted(sent()) == ["FDSTOREREMOVE=1 FDNAME=call0", "FDSTOREREMOVE=1 FDNAME=kick0",
-                              "FDSTOREREMOVE=1 FDNAME=mem0+mem1"]
+    stored.stage({"mem0": ram, "mem1": ram, "kick0": reused, "call0": new_call})
+    stored.commit()
+    assert notify.sent() == ["FDSTORE=1 FDNAME=kick0@5", "FDSTOREREMOVE=1 FDNAME=kick0@2"]
+    stored.forget()
+    assert sorted(notify.sent()) == ["FDSTOREREMOVE=1 FDNAME=call0@4", "FDSTOREREMOVE=1 FDNAME=kick0@5",
+                                     "FDSTOREREMOVE=1 FDNAME=mem0@1"]
     for fd in (ram, call, new_call, reused):
         os.close(fd)
-    listener.close()
+
+
+def test_at_every_instant_the_state_file_names_only_entries_the_store_holds(tmp_path, monkeypatch):
+    """A death between any two steps of a save that changes fds (a memory
+    table change, a new call eventfd) leaves a state file whose every entry
+    is in the store: the store is simulated from the notifications, and PATH
+    is read at each one. The connection is stored only once a state names it."""
+    from vmemdev.daemon import keeper, storedfds
+    from vmemdev.vhost.snapshot import EngineRecord
+    from vmemdev.virtio_mem.model import Geometry, VirtioMemModel
+
+    path = str(tmp_path / "vm0.state")
+    store: set[str] = set()
+    checked = []
+    real_notify = storedfds.systemd.notify
+
+    def notify(state: str, fds=()) -> bool:
+        fields = dict(line.split("=", 1) for line in state.splitlines())
+        named = set(json.load(open(path))["fds"].values()) if os.path.exists(path) else set()
+        if fields.get("FDNAME") == "conn" and fields.get("FDSTORE") == "1":
+            assert "conn" in named, "the connection is stored before a state names it"
+        # A state naming a connection the store lacks is one a successor starts afresh from
+        # (the connection died with the process); every other entry it names must be there.
+        assert named - {"conn"} <= store, f"{path} names {named - store}, not in the store"
+        if fields.get("FDSTORE") == "1":
+            store.add(fields["FDNAME"])
+        else:
+            store.discard(fields["FDNAME"])
+        checked.append(state)
+        return real_notify(state, fds)
+
+    monkeypatch.setattr(storedfds.systemd, "notify", notify)
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    m = VirtioMemModel(Geometry(1 << 32, 1 << 30, 2 << 20), 0)
+    engine = EngineRecord(1, 2, True, 15, (), ())
+    conn, ram, ram2, call, call2 = (os.memfd_create("conn"), os.memfd_create("ram"), os.memfd_create("ram2"),
+                                    os.eventfd(0), os.eventfd(0))
+    k = keeper.ConnectionKeeper(path)
+    k.save(engine, m.to_record(), fds={"conn": conn})
+    k.save(engine, m.to_record(), fds={"conn": conn, "mem0": ram, "mem1": ram, "call0": call})
+    k.save(engine, m.to_record(), fds={"conn": conn, "mem0": ram2, "call0": call2})  # a new table, a new call
+    assert store == {"conn", "mem0@3", "call0@4"} == set(json.load(open(path))["fds"].values())
+    assert len(checked) == 7
+    k.forget()
+    assert store == set() and not os.path.exists(path)
+    for fd in (conn, ram, ram2, call, call2):
+        os.close(fd)

@@ -17,6 +17,7 @@ import trio
 from .. import __version__
 from ..daemon import keeper, systemd
 from ..daemon.handover import HANDOVER_ENV
+from ..daemon.storedfds import StoredFds
 from ..errors import ConfigError, VmemdevError
 from ..sizes import format_size, parse_size
 from ..vhost.engine import OFFERED_PROTOCOL_FEATURES, TRANSPORT_FEATURES
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "and restart it with them when it dies")
     _logging_options(hold, defaults=False)
     hold.add_argument("--max-fds", type=int, default=64, help="fds kept at most (64)")
+    hold.add_argument("--max-restart-delay", type=float, default=5.0, metavar="SECONDS",
+                      help="the restart delay doubles from 0.1 s while the worker keeps dying, up to this (5)")
     hold.add_argument("worker", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
                       help="the worker's command line")
 
@@ -252,10 +255,11 @@ def _resume(runtime, state_file: str | None, fds: dict[str, int]):
     if state_file is None:
         return None
     if "conn" not in fds:  # nothing to resume: a state file left over describes no live connection
-        for stale in (state_file, state_file + ".dev"):  # PATH.dev: keeper.py
+        for stale in keeper.state_files(state_file):
             if os.path.exists(stale):
                 log.info("no kept connection: removing the stale state %s", stale)
                 os.unlink(stale)
+        StoredFds().adopt(fds, {})  # entries of a connection that was never saved
         return None
     from ..vhost.snapshot import StateError
 
@@ -302,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
                          "`vmemdev hold -- vmemdev serve --socket-path PATH ...`")
         if args.max_fds < 1:
             parser.error("--max-fds must be at least 1")
-        return Holder(worker, FdStore(args.max_fds)).run()
+        if not 0.1 <= args.max_restart_delay <= 3600:
+            parser.error("--max-restart-delay must be between 0.1 and 3600 seconds")
+        return Holder(worker, FdStore(args.max_fds), args.max_restart_delay).run()
     geometry = _geometry(parser, args)
     from ..daemon.runtime import DeviceRuntime
     from ..host.cgroup import Cgroup

@@ -42,9 +42,10 @@ from ..protocol import vhost_user as vu
 from ..vhost.engine import BackendChannel, Effect, Engine, RingFd, RingRequest, Serve
 from ..vhost.interfaces import Device, GuestMemory
 from ..vhost.snapshot import snapshot
+from . import inflight
 from .keeper import Persistence, SavedAnswer
 from .trace import Tracer
-from .vhost_wire import ConnectionClosed, RefusedMessage, close_all, read_message
+from .vhost_wire import ConnectionClosed, RefusedMessage, close_all, consume, head_message, peek_message, read_message
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ ServeRequest = Callable[[RingRequest], bytes]
 READABLE = select.POLLIN
 BROKEN = select.POLLERR | select.POLLHUP | select.POLLNVAL
 # Messages that change nothing a successor would need: not saved (GET_CONFIG is hot).
+PART_WAIT_MS = 5  # how often a message sent in pieces is looked at again
 READ_ONLY = frozenset({vu.Request.GET_FEATURES, vu.Request.GET_PROTOCOL_FEATURES, vu.Request.GET_CONFIG,
                        vu.Request.GET_QUEUE_NUM, vu.Request.GET_MAX_MEM_SLOTS})
 
@@ -119,6 +121,9 @@ class FrontendConnection:
         self._notifications_asked = 0
         self._notifications_sent = 0
         self._backend_sock: socket.socket | None = None
+        # The journal of the message in flight (inflight.py), with a state file.
+        self.inflight = persistence.keeper.inflight if persistence is not None else None
+        self._redelivered = False  # the next message is one a dead process was applying
 
     @property
     def memory(self) -> GuestMemory:
@@ -208,10 +213,8 @@ class FrontendConnection:
         p = self.persistence
         if p is None:
             return
-        try:
-            if fds:  # a request never changes the connection's fds: a message may
-                p.keeper.keep_fds(self.fds_by_role())
-            p.keeper.save(snapshot(self.engine), p.record(), p.answer)
+        try:  # a request never changes the connection's fds: a message may
+            p.keeper.save(snapshot(self.engine), p.record(), p.answer, self.fds_by_role() if fds else None)
         except OSError as exc:
             log.error("cannot save the connection state (%s): a restart now would lose it", exc)
 
@@ -223,9 +226,20 @@ class FrontendConnection:
         if self._backend_sock is not None:
             self._backend_sock.close()
         self.engine.close()
+        self._discard_input()
         self.sock.close()
         _close(self._wakeup)
         self._wakeup = None
+
+    def _discard_input(self, limit: int = 1 << 20) -> None:
+        """Read what the front-end sent and we did not take (a message left on
+        the socket by a protocol error): closed with unread data, the socket
+        would tell the front-end "connection reset" instead of a close."""
+        try:
+            while limit > 0 and (data := self.sock.recv(min(limit, 65536), socket.MSG_DONTWAIT)):
+                limit -= len(data)
+        except OSError:
+            pass
 
     # --- the serving thread -----------------------------------------------------------------
 
@@ -233,7 +247,11 @@ class FrontendConnection:
         assert self._wakeup is not None
         self._poll.register(self._wakeup, READABLE)
         self._poll.register(self.sock, READABLE)
+        if self.persistence is not None and not self.resumed:
+            with self.lock:  # kept before its first message: a successor serves the handshake
+                self.persist()
         if self.resumed:
+            self._settle_message()
             # The dead process may have taken a kick without serving it, or saved a
             # change of requested size without the notification going out: a
             # spurious notification only makes the driver read the config again.
@@ -304,6 +322,54 @@ class FrontendConnection:
     # --- messages ----------------------------------------------------------------
 
     def _serve_message(self) -> None:
+        """Handle the next message. It stays on the socket until handled, and
+        with a state file the journal (inflight.py) records each step."""
+        fd = self.sock.fileno()
+        try:
+            peeked = peek_message(self.sock, lambda: self._wait(fd, READABLE), self._wait_more)
+        except RefusedMessage as exc:
+            self._finish(exc.request, exc.length, self._failure(exc.request, exc.flags, exc))
+            return
+        if peeked is None:  # fds in a piece shorter than the message: read it as it comes
+            self._serve_unjournaled()
+            return
+        request, flags, payload, fds, length = peeked
+        if self.tracer:
+            self.tracer.record(True, request, flags, payload, len(fds))
+        redelivered, self._redelivered = self._redelivered, False
+        with self.lock:
+            if request not in READ_ONLY and self.inflight is not None:
+                self.inflight.applying()
+            reply = self._dispatch(request, flags, payload, fds, redelivered)
+            if request not in READ_ONLY:
+                self.persist()
+        crash_point("message-applied")
+        self._finish(request, length, reply)
+
+    def _finish(self, request: int, length: int, reply: bytes | None) -> None:
+        """Take the handled message off the socket and send its reply: the
+        reply is kept in the journal first, so that a successor sends it if
+        this process dies before it has (inflight.py)."""
+        data = None if reply is None else vu.encode_reply(request, reply)
+        journal = self.inflight
+        if journal is not None and data is not None:
+            journal.owed(request, length, data)
+            crash_point("reply-owed")
+        consume(self.sock, length, lambda: self._wait(self.sock.fileno(), READABLE))
+        if data is not None:
+            if journal is not None:
+                crash_point("message-consumed")
+                journal.sending()
+            self._reply(request, data)
+        if journal is not None:
+            journal.idle()
+
+    def _reply(self, request: int, data: bytes) -> None:
+        if self.tracer:
+            self.tracer.record(False, request, int(vu.REPLY_FLAGS), data[vu.HEADER.size:], 0)
+        self._send_all(data)
+
+    def _serve_unjournaled(self) -> None:
         fd = self.sock.fileno()
         try:
             request, flags, payload, fds = read_message(self.sock, lambda: self._wait(fd, READABLE))
@@ -313,14 +379,49 @@ class FrontendConnection:
             reply = self._failure(exc.request, exc.flags, exc)
             request = exc.request
         else:
+            log.warning("%s: its fds came apart from it: read without a journal", vu.request_name(request))
             with self.lock:
                 reply = self._dispatch(request, flags, payload, fds)
                 if request not in READ_ONLY:
                     self.persist()
         if reply is not None:
-            if self.tracer:
-                self.tracer.record(False, request, int(vu.REPLY_FLAGS), reply, 0)
-            self._send_all(vu.encode_reply(request, reply))
+            self._reply(request, vu.encode_reply(request, reply))
+
+    def _settle_message(self) -> None:
+        """A successor: finish the message the dead process was handling
+        (inflight.py has the steps)."""
+        journal = self.inflight
+        if journal is None:
+            return
+        step, request, length, data = journal.read()
+        if step == inflight.APPLYING:
+            log.warning("the dead process was applying a message: handling it again")
+            self._redelivered = True
+        elif step == inflight.OWED:
+            if head_message(self.sock) == (request, length):  # the front-end waits: it sent nothing since
+                consume(self.sock, length, lambda: self._wait(self.sock.fileno(), READABLE))
+            log.warning("sending the reply to %s the dead process owed", vu.request_name(request))
+            journal.sending()
+            self._reply(request, data)
+        elif step == inflight.SENDING:
+            log.info("the dead process was sending a reply to %s: taken as sent", vu.request_name(request))
+        journal.idle()
+
+    def _wait_more(self) -> bool:
+        """Part of a message has arrived: wait a little for the rest (the socket
+        stays readable, so poll cannot say when), still answering the Trio
+        side. True once the front-end has closed its end."""
+        assert self._wakeup is not None
+        poll = select.poll()
+        poll.register(self._wakeup, READABLE)
+        poll.register(self.sock, select.POLLRDHUP)
+        closed = False
+        for fd, events in poll.poll(PART_WAIT_MS):
+            if fd == self._wakeup:
+                self._woken()
+            elif events & (select.POLLRDHUP | BROKEN):
+                closed = True
+        return closed
 
     def _send_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -333,7 +434,7 @@ class FrontendConnection:
                 raise ConnectionClosed(f"cannot answer the front-end: {exc}") from exc
 
     def _dispatch(self, request: int, flags: int, payload: bytes,
-                  fds: tuple[int, ...]) -> bytes | None:
+                  fds: tuple[int, ...], redelivered: bool = False) -> bytes | None:
         try:
             msg = vu.decode(request, flags, payload, fds)
         except PeerError as exc:
@@ -342,7 +443,7 @@ class FrontendConnection:
         log.debug("<- %s %s", msg.name, msg.body if request != vu.Request.GET_CONFIG else "")
         kept: frozenset[int] = frozenset()
         try:
-            outcome = self.engine.handle(msg)
+            outcome = self.engine.handle(msg, redelivered=redelivered)
             if outcome.effects:
                 self._apply(outcome.effects)
             kept = outcome.kept_fds

@@ -109,8 +109,9 @@ def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
 
 
 class Holder:
-    def __init__(self, command: Sequence[str], store: FdStore | None = None):
+    def __init__(self, command: Sequence[str], store: FdStore | None = None, max_delay: float = MAX_DELAY):
         self.command = list(command)
+        self.max_delay = max_delay
         self.store = store or FdStore()
         self.directory = tempfile.mkdtemp(prefix="vmemdev-hold-")  # 0700: only we can reach it
         self.notify_path = os.path.join(self.directory, "notify")
@@ -163,7 +164,7 @@ class Holder:
                               self.worker.pid)
                     return USAGE_ERROR
                 self.restarts += 1
-                delay = FIRST_DELAY if time.monotonic() - started > STABLE else min(delay * 2, MAX_DELAY)
+                delay = FIRST_DELAY if time.monotonic() - started > STABLE else min(delay * 2, self.max_delay)
                 log.error("worker %d died (%s); restarting it in %.1f s with %d stored fds",
                           self.worker.pid, _describe(status), delay, len(self.store.entries))
                 deadline = time.monotonic() + delay

@@ -4,37 +4,40 @@ With ``serve --state-file PATH`` under a service manager that keeps fds
 (`vmemdev hold`, or systemd with ``FileDescriptorStoreMax=``), the serving
 process keeps, at every moment:
 
-- every fd of the connection in the fd store, by role: ``conn`` (the
-  vhost-user socket), ``backend``, ``kick0``/``call0``/``err0``, ``mem0``...
-  (the memory table's regions, in order);
+- every fd of the connection in the fd store (``storedfds.py``): "conn"
+  (the vhost-user socket) and an entry per file for the others (the backend
+  channel, each ring's kick/call/err eventfds, the memory table's regions);
 - in PATH (JSON, written atomically: a new file renamed over the old one, on
   every vhost-user message that may change it and on control-plane changes),
-  the negotiated state (``vhost.snapshot``) and the name and id of
-  PATH.dev;
+  the negotiated state (``vhost.snapshot``), the fd store entry of each role
+  ("conn", "backend", "kick0", "mem0"...) and the name and id of PATH.dev;
 - in PATH.dev (``devrecord.py``: a fixed layout, mapped shared, two slots
   written alternately, each with a sequence number and a crc written last),
   the device model (bitmap, requested and usable size) and the answer to
   the last request that changed it, saved before that answer is published
   in the used ring. A request's save is a few stores into the mapping, not
   a file write: they are in the page cache at once and survive the death of
-  the process at any instant.
+  the process at any instant;
+- in PATH.msg (``inflight.py``), the step reached with the vhost-user
+  message in flight, which stays on the socket until it is handled.
 
 A successor started with those fds and files serves the same connection
 (QEMU never sees it close): the rings resume from the used index in guest
 memory, so a request the dead process took but did not answer is taken
 again; if the dead process had already changed the device for it, the saved
 answer is given instead of deciding it again (a re-delivered PLUG gets its
-ACK, not ERROR). Its first act is to write both files anew from what it
-restored (PATH.dev under the same id, so PATH always names the PATH.dev on
-disk).
+ACK, not ERROR); the message in flight is finished (``inflight.py``). Its
+first act is to write the files anew from what it restored (PATH.dev under
+the same id, so PATH always names the PATH.dev on disk).
 
-Format: a number in each file (``FORMAT``, 2: PATH and PATH.dev). A release
-reads its own format and the previous one (``READS``; format 1 was PATH
-alone, the device and answer inline, the bitmap in hex) and writes its own.
+Format: a number in PATH (``FORMAT``, 3: PATH names the fd store entries,
+and PATH.msg exists). A release reads its own format and the ones before
+(``READS``; format 2 named no entries: they carried the roles' names, and
+had no PATH.msg; format 1 was PATH alone, the device and answer inline, the
+bitmap in hex) and writes its own.
 
-Not yet: a crash between the removal of an old fd and the store of its
-replacement loses that fd; a crash between the first store of a new
-connection's fds and its first PATH leaves fds with no state (refused).
+Not covered: a death between accepting a connection and storing it (the
+connection was only ever in the dead process: QEMU sees it close).
 """
 
 from __future__ import annotations
@@ -50,12 +53,14 @@ from typing import Any
 from ..crashpoints import crash_point
 from ..vhost.snapshot import EngineRecord, StateError
 from ..virtio_mem.model import DeviceRecord
-from . import devrecord, systemd
+from . import devrecord
+from .inflight import InFlight
+from .storedfds import StoredFds, is_ours
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # what this version writes
-READS = (1, 2)  # what load() reads: its own format and the previous one (an upgrade checks the new version's)
+FORMAT = 3  # what this version writes
+READS = (1, 2, 3)  # what load() reads: its own format and the previous one (an upgrade checks the new version's)
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,18 @@ class SavedState:
     device: dict[str, Any]  # for VirtioMemModel.restore
     answer: SavedAnswer | None
     restores: Restores | None = None  # how often this connection was resumed before
+    fdnames: dict[str, str] | None = None  # role -> fd store entry (None before format 3: the role's name)
+
+    def entry_names(self, store: dict[str, int]) -> dict[str, str]:
+        """role -> the fd store entry that holds its fd. Raises StateError for
+        an entry the state names and the store lacks."""
+        names = self.fdnames
+        if names is None:  # format 2: entries named by their roles ("mem0+mem1")
+            names = {role: name for name in store if is_ours(name) for role in name.split("+")}
+        missing = sorted({name for name in names.values() if name not in store})
+        if missing:
+            raise StateError(f"the fd store lacks {', '.join(missing)}")
+        return names
 
 
 @dataclass(frozen=True)
@@ -117,37 +134,33 @@ class ConnectionKeeper:
     def __init__(self, path: str):
         self.path = path
         self.device_path = path + ".dev"
-        self._held: dict[str, int] = {}  # store name -> our copy of the fd stored under it
+        self.fds = StoredFds()
+        self.message_path = path + ".msg"
+        self._inflight: InFlight | None = None
         self._engine: tuple[EngineRecord, dict[str, Any]] | None = None  # it rarely changes
         # PATH.dev, open once the first full save made it: its answer() is the per-request save.
         self.device_record: devrecord.DeviceRecordFile | None = None
         self._id = 0  # pairs PATH with PATH.dev
         self.restores: Restores | None = None  # saved in PATH: set by a successor
 
-    def keep_fds(self, fds: dict[str, int]) -> None:
-        """Make the fd store hold exactly these. fds of one open file go once,
-        under their names joined ("mem0+mem1"): the store keeps one fd per file.
+    @property
+    def inflight(self) -> InFlight:
+        """The journal of the vhost-user message in flight (PATH.msg, opened on
+        first use). Raises StateError when the file there is not one."""
+        if self._inflight is None:
+            self._inflight = InFlight(self.message_path)
+        return self._inflight
 
-        Only what changed is touched: an entry whose file is the one stored
-        stays (checked against a copy we hold, as the store does, since an fd
-        number may have been closed and reused), so a death during a message
-        that changes no fd cannot find the store half rewritten."""
-        wanted = {systemd.SHARED.join(names): fd for names, fd in systemd.group_same_files(fds)}
-        for name in list(self._held):
-            if name not in wanted or not systemd.same_file(self._held[name], wanted[name]):
-                systemd.notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
-                os.close(self._held.pop(name))
-        for name, fd in wanted.items():
-            if name not in self._held:
-                systemd.store_fds(name, [fd])
-                self._held[name] = os.dup(fd)
-
-    def save(self, engine: EngineRecord, device: DeviceRecord, answer: SavedAnswer | None = None) -> None:
-        """Everything, each file atomically: the device's record in PATH.dev
-        (a slot, or the whole file anew when it is not open yet or the change
-        does not fit a slot), then the connection's in PATH (a new file
-        renamed over the old one), which names PATH.dev by its id. Raises
-        OSError."""
+    def save(self, engine: EngineRecord, device: DeviceRecord, answer: SavedAnswer | None = None,
+             fds: dict[str, int] | None = None) -> None:
+        """Everything, each file atomically: the connection's fds (``fds``, by
+        role) staged in the fd store, the device's record in PATH.dev (a slot,
+        or the whole file anew when it is not open yet or the change does not
+        fit a slot), then the connection's in PATH (a new file renamed over
+        the old one), which names PATH.dev by its id and the fds' entries;
+        then the fd store entries nothing names are removed. Raises OSError."""
+        if fds is not None:
+            self.fds.stage(fds)
         parts = None if answer is None else answer.as_tuple()
         if self.device_record is None:
             self._open(device, parts)
@@ -156,7 +169,8 @@ class ConnectionKeeper:
         if self._engine is None or self._engine[0] != engine:
             self._engine = (engine, engine.to_obj())
         state: dict[str, Any] = {"format": FORMAT, "engine": self._engine[1],
-                                 "device": {"file": os.path.basename(self.device_path), "id": f"{self._id:016x}"}}
+                                 "device": {"file": os.path.basename(self.device_path), "id": f"{self._id:016x}"},
+                                 "fds": self.fds.roles}
         if self.restores is not None:
             state["restores"] = self.restores.to_json()
         text = json.dumps(state)
@@ -167,6 +181,8 @@ class ConnectionKeeper:
         finally:
             os.close(fd)
         os.rename(temporary, self.path)
+        if fds is not None:
+            self.fds.commit()
 
     def save_device(self, device: DeviceRecord, answer: tuple[int, int, bytes, bytes, int] | None) -> bool:
         """Save the device's state and ``answer`` in a slot of PATH.dev (a few
@@ -209,25 +225,36 @@ class ConnectionKeeper:
         try:
             with open(self.path, "rb") as f:
                 raw = json.loads(f.read())
-            return int(raw["device"]["id"], 16) if raw.get("format") == 2 else 0
+            return int(raw["device"]["id"], 16) if raw.get("format") in (2, 3) else 0
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return 0
 
     def forget(self) -> None:
-        """The connection ended for good: nothing to resume."""
-        self.keep_fds({})
+        """The connection ended for good: nothing to resume. The files go first:
+        a death in between leaves entries no state names, which a successor
+        drops."""
         if self.device_record is not None:
             self.device_record.close()
             self.device_record = None
-        for path in (self.path, self.path + ".new", self.device_path, self.device_path + ".new"):
+        if self._inflight is not None:
+            self._inflight.close()
+            self._inflight = None
+        for path in state_files(self.path):
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+        self.fds.forget()
 
-    def adopt(self, fds: dict[str, int]) -> None:
-        """A successor: these are the fds the store holds for us already."""
-        self._held = {systemd.SHARED.join(names): os.dup(fd) for names, fd in systemd.group_same_files(fds)}
+    def adopt(self, store: dict[str, int], roles: dict[str, str]) -> None:
+        """A successor: ``store`` is what the fd store holds for us, ``roles``
+        which entry the state names for each role (``SavedState.entry_names``)."""
+        self.fds.adopt(store, roles)
+
+
+def state_files(path: str) -> tuple[str, ...]:
+    """Every file a state at ``path`` consists of, temporaries included."""
+    return (path, path + ".new", path + ".dev", path + ".dev.new", path + ".msg")
 
 
 def load(path: str) -> SavedState:
@@ -241,8 +268,10 @@ def load(path: str) -> SavedState:
             raise ValueError(f"format {found!r}, this version reads {' and '.join(map(str, READS))}")
         if raw["format"] == 1:
             return _load_1(raw)
-        if set(raw) - {"restores"} != {"format", "engine", "device"}:
-            raise ValueError("expected format, engine, device (and restores)")
+        keys = {"format", "engine", "device"} | ({"fds"} if raw["format"] == 3 else set())
+        if set(raw) - {"restores"} != keys:
+            raise ValueError(f"expected {', '.join(sorted(keys))} (and restores)")
+        fdnames = _fdnames(raw["fds"]) if raw["format"] == 3 else None
         restores = Restores.from_json(raw["restores"]) if "restores" in raw else None
         engine = EngineRecord.from_json(json.dumps(raw["engine"]))
         ref = raw["device"]
@@ -261,7 +290,16 @@ def load(path: str) -> SavedState:
                          f"{path} names {ident:016x})")
     answer = None if dev.answer is None else SavedAnswer(*dev.answer)
     return SavedState(engine, {"requested_size": dev.requested_size, "usable_region_size": dev.usable_region_size,
-                               "bitmap": dev.bitmap, "geometry": list(dev.geometry)}, answer, restores)
+                               "bitmap": dev.bitmap, "geometry": list(dev.geometry)}, answer, restores, fdnames)
+
+
+def _fdnames(raw: object) -> dict[str, str]:
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) and is_ours(k)
+                                            and is_ours(v) for k, v in raw.items()):
+        raise ValueError(f"fds: expected roles and fd store entry names, not {raw!r}")
+    if raw.get("conn", "conn") != "conn":
+        raise ValueError("fds: the connection is stored as conn")
+    return raw
 
 
 def _load_1(raw: dict[str, Any]) -> SavedState:

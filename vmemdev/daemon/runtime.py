@@ -92,10 +92,19 @@ class DeviceRuntime:
                reason: str = "restart") -> FrontendConnection:
         """The connection a dead process was serving, from its saved state and
         the fds the service manager kept. Raises StateError (nothing kept then)."""
-        missing = [name for name in ["conn", *(f"mem{i}" for i in range(len(state.engine.regions)))]
-                   if name not in fds]
+        persistence = self._persistence(state.answer)
+        assert persistence is not None  # resumed from a state file
+        keeper_ = persistence.keeper
+        try:
+            names = state.entry_names(fds)
+            keeper_.inflight.read()  # the message in flight: the connection finishes it
+        except StateError as exc:
+            raise StateError(f"{self.state_file}: {exc}") from exc
+        keeper_.adopt(fds, names)
+        fds = keeper_.fds.resolve(fds)  # by role
+        missing = [f"mem{i}" for i in range(len(state.engine.regions)) if f"mem{i}" not in fds]
         if missing:
-            raise StateError(f"{self.state_file}: the fd store lacks {', '.join(missing)}")
+            raise StateError(f"{self.state_file}: names no fd store entry for {', '.join(missing)}")
         with self.lock:
             try:
                 self.device.model.restore(state.device)
@@ -106,16 +115,11 @@ class DeviceRuntime:
             engine = restore(self.device, memory, state.engine, regions)
             sock = socket.socket(fileno=fds["conn"])
             self.frontend = FrontendConnection(sock, self.device, memory, self.serve_request, lock=self.lock,
-                                               tracer=tracer, engine=engine,
-                                               persistence=self._persistence(state.answer))
+                                               tracer=tracer, engine=engine, persistence=persistence)
             before = state.restores.count if state.restores is not None else 0
             self.restores = Restores(before + 1, time.time(), reason)
             self.frontend.adopt_fds(fds)
-            # What the store holds for us already: the next change removes these names
-            # first (systemd does not replace an fd stored under a name again, it adds one).
-            if self.frontend.persistence is not None:
-                self.frontend.persistence.keeper.adopt(self.frontend.fds_by_role())
-                self.frontend.persistence.keeper.restores = self.restores  # saved with the next save
+            keeper_.restores = self.restores  # saved with the next save
             self.device.attach(memory)
             try:
                 reclaimed = self.device.reclaim_unplugged()
@@ -247,8 +251,9 @@ class DeviceRuntime:
         assert self._upgrading and self.argv is not None and self.listener_fd is not None
         with self.lock:
             fds = {"vhost-user": self.listener_fd}
-            if self.frontend is not None:
-                fds.update(self.frontend.fds_by_role())
+            p = self.frontend.persistence if self.frontend is not None else None
+            if p is not None:  # by fd store entry, as a restart gets them
+                fds.update(p.keeper.fds.entries())
             self.events.publish("UPGRADE_STARTED", pid=os.getpid())
             handover.reexec(self.argv, fds)
 

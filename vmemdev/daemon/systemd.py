@@ -16,7 +16,6 @@ import sys
 from collections.abc import Sequence
 
 SD_LISTEN_FDS_START = 3
-SHARED = "+"  # FDNAME of one stored fd kept for several roles: "mem0+mem1"
 
 # syslog priorities for journald's "<N>" line prefixes
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
@@ -56,32 +55,11 @@ def same_file(a: int, b: int) -> bool:
     return probe(a, b)
 
 
-def group_same_files(fds: dict[str, int]) -> list[tuple[list[str], int]]:
-    """``fds`` by name, grouped as systemd's fd store keeps them.
-
-    systemd keeps one fd per open file: an fd of a file it already holds is
-    closed, not stored, whatever its FDNAME (QEMU sends the memfd of its RAM
-    once per region, e.g. below and above the PCI hole: two fds, one open
-    file). So names that share a file are stored once, as "mem0+mem1", and
-    listen_fds() gives each name its own fd again."""
-    groups: list[tuple[list[str], int]] = []
-    for name, fd in fds.items():
-        for names, kept in groups:
-            if same_file(kept, fd):
-                names.append(name)
-                break
-        else:
-            groups.append(([name], fd))
-    return groups
-
-
 def listen_fds() -> dict[str, int]:
     """Sockets passed by systemd socket activation, by name (LISTEN_FDNAMES).
 
-    Unnamed sockets are called "fd3", "fd4", ... A name "a+b" (one fd
-    stored for several roles, see group_same_files) gives "a" the fd and "b"
-    a dup of it. The variables are removed so that child processes do not
-    inherit them.
+    Unnamed sockets are called "fd3", "fd4", ... The variables are removed
+    so that child processes do not inherit them.
     """
     try:
         if int(os.environ.get("LISTEN_PID", "0")) != os.getpid():
@@ -97,10 +75,7 @@ def listen_fds() -> dict[str, int]:
         fd = SD_LISTEN_FDS_START + i
         os.set_inheritable(fd, False)
         name = names[i] if i < len(names) and names[i] and names[i] != "unknown" else f"fd{fd}"
-        first, *others = name.split(SHARED)
-        out[first] = fd
-        for other in others:
-            out[other] = os.dup(fd)  # non-inheritable, as the fd above
+        out[name] = fd
     return out
 
 

@@ -3,6 +3,12 @@
 A header we cannot trust to find the next message closes the connection
 (``ConnectionClosed``); a whole message that cannot be used is refused
 (``RefusedMessage``) and the stream goes on.
+
+``peek_message`` reads a message without taking it off the socket (its fds
+come as copies), and ``consume`` takes it off once it has been handled: a
+process that dies in between leaves the message, fds included, for its
+successor, which shares the socket. That is the journal of the message in
+flight (``daemon/inflight.py`` says which step it had reached).
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ class ConnectionClosed(PeerError):
 class RefusedMessage(PeerError):
     """A whole message arrived but cannot be used (its fds were cut off)."""
 
-    def __init__(self, request: int, flags: int, reason: str):
+    def __init__(self, request: int, flags: int, reason: str, length: int = 0):
         self.request = request
         self.flags = flags
+        self.length = length  # bytes still to consume (a peeked message), else 0
         super().__init__(reason)
 
 
@@ -105,3 +112,104 @@ def read_message(sock: socket.socket, wait_readable: Callable[[], None]) -> tupl
             request, flags, f"{vu.request_name(request)}: more file descriptors than {vu.MAX_FDS}"
         )
     return request, flags, payload, tuple(fds)
+
+
+PEEK_SIZE = vu.HEADER.size + vu.MAX_PAYLOAD + 1
+FD_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * FD_BYTES)
+
+
+def peek_message(sock: socket.socket, wait_readable: Callable[[], None],
+                 wait_more: Callable[[], bool]) -> tuple[int, int, bytes, tuple[int, ...], int] | None:
+    """The next whole message, left on the socket: (request, flags, payload,
+    fds, length); the fds are ours (copies), ``length`` is what ``consume``
+    takes off once it is handled. ``wait_readable`` blocks until data
+    arrives; ``wait_more`` until more of a partial message may have (True:
+    the front-end has closed its end).
+
+    None: the message's fds came in a piece shorter than the message, which
+    a peek cannot see past; read it with ``read_message`` (QEMU sends each
+    message, fds included, in one piece). Raises as ``read_message`` does;
+    a refused message carries its length.
+    """
+    closed = False
+    while True:
+        data, fds, flags = _peek(sock, wait_readable)
+        request = None
+        if len(data) >= vu.HEADER.size:
+            try:
+                request, msg_flags, size = vu.parse_header(data)
+            except PeerError as exc:
+                close_all(fds)
+                raise ConnectionClosed(f"{exc}; the stream cannot be trusted any more") from exc
+            length = vu.HEADER.size + size
+            if len(data) > length:  # a peek stops after a piece with fds: these are a later message's
+                close_all(fds)
+                return request, msg_flags, data[vu.HEADER.size:length], (), length
+            if len(data) == length:
+                if flags & socket.MSG_CTRUNC or len(fds) > vu.MAX_FDS:
+                    close_all(fds)
+                    raise RefusedMessage(request, msg_flags, f"{vu.request_name(request)}: more file "
+                                         f"descriptors than {vu.MAX_FDS}", length)
+                return request, msg_flags, data[vu.HEADER.size:], tuple(fds), length
+        close_all(fds)
+        if fds or flags & socket.MSG_CTRUNC:  # a piece with fds ends before the message does
+            return None
+        if closed:  # and nothing more came since
+            if request is None:
+                raise ConnectionClosed(f"front-end closed the socket inside a header ({len(data)} of 12 bytes)")
+            raise ConnectionClosed(f"front-end closed the socket inside {vu.request_name(request)}'s payload")
+        closed = wait_more()
+
+
+def _peek(sock: socket.socket, wait_readable: Callable[[], None]) -> tuple[bytes, list[int], int]:
+    """What a peek gives. It copies on through the pieces the front-end sent
+    until one that carried fds, whose fds it gives (or until PEEK_SIZE, one
+    more than a message can be: so a peek that ends exactly where the
+    message does was stopped by the message's own fds, or by the end of data)."""
+    while True:
+        try:
+            data, ancdata, flags, _ = sock.recvmsg(PEEK_SIZE, FD_SPACE, socket.MSG_PEEK | socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            wait_readable()
+            continue
+        except OSError as exc:
+            raise ConnectionClosed(f"front-end connection failed: {exc}") from exc
+        fds: list[int] = []
+        _take_fds(ancdata, fds)
+        if not data:
+            close_all(fds)
+            raise ConnectionClosed("front-end closed the socket")
+        return data, fds, flags
+
+
+def consume(sock: socket.socket, length: int, wait_readable: Callable[[], None]) -> None:
+    """Take ``length`` bytes (a message peeked whole) off the socket. The fds
+    that came with them are not received: the kernel closes them."""
+    while length:
+        try:
+            data = sock.recv(length)
+        except BlockingIOError:
+            wait_readable()
+            continue
+        except OSError as exc:
+            raise ConnectionClosed(f"front-end connection failed: {exc}") from exc
+        if not data:
+            raise ConnectionClosed("front-end closed the socket")
+        length -= len(data)
+
+
+def head_message(sock: socket.socket) -> tuple[int, int] | None:
+    """(request, length) of the message at the head of the socket, without
+    waiting or taking anything; None when there is no whole header."""
+    try:
+        data, ancdata, _, _ = sock.recvmsg(vu.HEADER.size, FD_SPACE, socket.MSG_PEEK | socket.MSG_DONTWAIT
+                                           | socket.MSG_CMSG_CLOEXEC)
+    except OSError:
+        return None
+    fds: list[int] = []
+    _take_fds(ancdata, fds)
+    close_all(fds)
+    if len(data) < vu.HEADER.size:
+        return None
+    request, _, size = vu.HEADER.unpack_from(data)
+    return request, vu.HEADER.size + size

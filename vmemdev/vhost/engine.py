@@ -132,19 +132,26 @@ class Engine:
         self.rings = [Ring(i) for i in range(device.num_queues)]
         self._kept: set[int] = set()
         self._effects: list[Effect] = []
+        self._redelivered = False
 
     @property
     def reply_ack(self) -> bool:
         return bool(self.protocol_features & ProtocolFeature.REPLY_ACK)
 
-    def handle(self, msg: Message) -> Outcome:
+    def handle(self, msg: Message, *, redelivered: bool = False) -> Outcome:
         """Apply one message. Raises PeerError when it breaks the protocol.
+
+        ``redelivered``: a process that died may have applied it already (a
+        successor handles the message it was applying again). Every message
+        that changes state gives the same state and reply applied once or
+        twice, except REM_MEM_REG, whose region is then already gone.
 
         Whatever happens, the caller closes the message's fds that are not in
         the outcome's ``kept_fds`` (on PeerError: all of them).
         """
         self._kept = set()
         self._effects = []
+        self._redelivered = redelivered
         feature = GATED.get(msg.request)
         if feature is not None and not self.protocol_features & feature:
             raise PeerError(f"{msg.name} sent but {feature.name} was not negotiated")
@@ -263,7 +270,12 @@ class Engine:
         log.info("memory region added: %s", msg.body)
 
     def _rem_mem_reg(self, msg: Message) -> None:
-        self._change_memory(lambda: self.memory.remove(_body(msg, vu.MemoryRegion)))
+        region = _body(msg, vu.MemoryRegion)
+        if self._redelivered and not any((d.guest_phys_addr, d.memory_size, d.userspace_addr) == (
+                region.guest_phys_addr, region.memory_size, region.userspace_addr) for d in self.memory.table()):
+            log.info("memory region %s removed before the restart", region)
+            return
+        self._change_memory(lambda: self.memory.remove(region))
         log.info("memory region removed: %s", msg.body)
 
     # --- rings ----------------------------------------------------------------------
