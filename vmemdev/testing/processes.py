@@ -66,16 +66,22 @@ class SyscallHold:
         return match
 
     def kill(self) -> None:
-        """kill -9 the process where it is held, then detach strace: the
-        held thread never runs again (a fatal signal aborts a call held at its
-        entry), but strace's delay would hold its exit too."""
+        """kill -9 the process where it is held, then strace: the held
+        thread never runs again (a fatal signal aborts a call held at its
+        entry), but strace's delay would hold its exit too, and strace does
+        not always detach from a dying process on SIGTERM."""
         os.kill(self.pid, signal.SIGKILL)
+        self.proc.kill()
         self.close()
 
     def close(self) -> None:
         """Detach (a held call then goes on) if the traced process lives on."""
         if self.proc.poll() is None:
             self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
         self.proc.wait(timeout=20)
         assert self.proc.stderr is not None
         if not self.proc.stderr.closed:
