@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 
 import pytest
 import trio
@@ -33,6 +34,16 @@ def memory_cgroup():
     cg = ChildMemoryCgroup()
     yield cg
     cg.remove()
+
+
+@pytest.fixture
+def strace() -> str:
+    """strace's path. Fails, never skips: a kill -9 inside a discard or a
+    populate is shown by holding the daemon there with strace."""
+    path = shutil.which("strace")
+    if path is None:
+        pytest.fail("needs strace to hold the daemon inside a syscall: apt-get install strace", pytrace=False)
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ import trio
 
 from vmemdev.protocol.virtio_mem import BlockState, ResponseType
 from vmemdev.testing.frontend import Frontend
-from vmemdev.testing.processes import only_child
+from vmemdev.testing.processes import SyscallHold, only_child
 
 from .test_holder import wait_for
 
@@ -48,8 +48,11 @@ class Held:
                              capture_output=True, text=True, check=True).stdout
         return json.loads(out)
 
+    def worker(self) -> int:
+        return wait_for(lambda: only_child(self.proc.pid))
+
     def kill_worker(self) -> int:
-        pid = wait_for(lambda: only_child(self.proc.pid))
+        pid = self.worker()
         os.kill(pid, signal.SIGKILL)
         return pid
 
@@ -199,6 +202,105 @@ async def test_a_prealloc_plug_killed_after_its_populate_is_served_again(tmp_pat
         assert status["plugged_size"] == 8 * MiB and held.ctl("stats")["requests"]["PLUG"] == {"ACK": 1}
         assert fe.dimm_allocated() == 8 * MiB
         assert held.ctl("accounting")["allocated_outside_plugged"] == 0
+        await fe.close()
+        fe.release()
+        assert held.stop() == 0
+    finally:
+        held.kill()
+
+
+# strace's lines for the host work of a request on the blocks at A (file offset 0 of the DIMM):
+# printed at the call's entry without its result, at its exit with it.
+PUNCH = r"fallocate\(\d+, FALLOC_FL_KEEP_SIZE\|FALLOC_FL_PUNCH_HOLE, 0, {length}"
+POPULATE = r"fallocate\(\d+, 0, 0, {length}"
+HELD = {"enter": "", "exit": r"\) += 0"}
+
+
+async def killed_inside(fe: Frontend, hold: SyscallHold, line: str, request) -> tuple[int, int]:
+    """Send ``request`` (an awaitable of the front-end); once strace shows the
+    worker inside the call ``line``, kill -9 it there. Returns the answer
+    (the successor's) and what the DIMM had allocated at the kill."""
+    answer: list[int] = []
+
+    async def send() -> None:
+        answer.append(await request)
+
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                await trio.to_thread.run_sync(hold.wait_output, line, 20)
+                at_kill = fe.dimm_allocated()
+                await trio.to_thread.run_sync(hold.kill)
+    finally:
+        hold.close()  # after a failure: strace lets the worker go
+    return answer[0], at_kill
+
+
+@pytest.mark.parametrize("at", ["enter", "exit"])
+async def test_an_unplug_killed_inside_its_discard_is_finished_by_the_successor(tmp_path, nursery, strace, at):
+    """kill -9 from outside while the UNPLUG's discard is inside its
+    fallocate(PUNCH_HOLE), held there by strace: at the call's entry (nothing
+    given back yet) or its exit (given back, the call not yet returned). The
+    successor answers the re-delivered UNPLUG with ACK; the unplugged blocks
+    hold no memory, the plugged ones keep their data."""
+    held = Held(tmp_path)
+    try:
+        fe = await attach(held, nursery)
+        assert await fe.plug(A, 4) == ResponseType.ACK
+        area, offset = fe.ram.gpa_area(A, 8 * MiB)
+        area[offset:offset + 8 * MiB] = b"\x5a" * (8 * MiB)  # the guest uses what it was given
+        first = held.worker()
+        hold = SyscallHold(first, "fallocate", at=at, strace=strace)
+        answer, at_kill = await killed_inside(fe, hold, PUNCH.format(length=4 * MiB) + HELD[at],
+                                              fe.unplug(A, 2))
+        assert at_kill == (8 * MiB if at == "enter" else 4 * MiB)  # where the kill landed
+        assert answer == ResponseType.ACK
+        assert f"worker {first} died (signal SIGKILL)" in held.log()
+        with trio.fail_after(20):
+            assert await fe.state(A, 2) == (ResponseType.ACK, BlockState.UNPLUGGED)
+            assert await fe.state(A + 4 * MiB, 2) == (ResponseType.ACK, BlockState.PLUGGED)
+        status = held.ctl("status")
+        assert status["pid"] != first and status["resumed"]["count"] == 1
+        assert status["plugged_size"] == 4 * MiB
+        assert held.ctl("stats")["requests"]["UNPLUG"] == {"ACK": 1}
+        assert fe.dimm_extents() == [(4 * MiB, 4 * MiB)]  # the kept blocks' data, nothing else
+        assert area[offset + 4 * MiB:offset + 8 * MiB] == b"\x5a" * (4 * MiB)
+        await fe.close()
+        fe.release()
+        assert held.stop() == 0
+    finally:
+        held.kill()
+
+
+@pytest.mark.parametrize("at", ["enter", "exit"])
+async def test_a_prealloc_plug_killed_inside_its_populate_is_served_again(tmp_path, nursery, strace, at):
+    """--prealloc: kill -9 from outside while a PLUG's populate is inside its
+    fallocate, held there by strace: at the entry (nothing allocated) or the
+    exit (all allocated, the state not changed). The successor gives back
+    what the dead process allocated for blocks its state calls unplugged,
+    decides the PLUG again, populates and answers ACK."""
+    held = Held(tmp_path, "--prealloc")
+    try:
+        fe = await attach(held, nursery)
+        first = held.worker()
+        hold = SyscallHold(first, "fallocate", at=at, strace=strace)
+        answer, at_kill = await killed_inside(fe, hold, POPULATE.format(length=8 * MiB) + HELD[at],
+                                              fe.plug(A, 4))
+        assert at_kill == (0 if at == "enter" else 8 * MiB)
+        assert answer == ResponseType.ACK
+        log = held.log()
+        assert f"worker {first} died (signal SIGKILL)" in log
+        gave_back = f"gave back {8 * MiB} bytes the dead process left allocated in unplugged blocks"
+        assert (gave_back in log) == (at == "exit")
+        status = held.ctl("status")
+        assert status["pid"] != first and status["resumed"]["count"] == 1
+        assert status["plugged_size"] == 8 * MiB
+        assert held.ctl("stats")["requests"]["PLUG"] == {"ACK": 1}
+        assert fe.dimm_allocated() == 8 * MiB
+        assert held.ctl("accounting")["allocated_outside_plugged"] == 0
+        with trio.fail_after(20):
+            assert await fe.state(A, 4) == (ResponseType.ACK, BlockState.PLUGGED)
         await fe.close()
         fe.release()
         assert held.stop() == 0

@@ -14,6 +14,15 @@
   r4  `vmemdev ctl upgrade` under the running guest: same pid, a pause.
   r5  a corrupted state file at the restart: refused, naming the file; the
       guest keeps its memory and data, nothing is discarded.
+  r6  kill -9 from outside while the UNPLUG's discard is inside fallocate
+      (PUNCH_HOLE), held at the call's entry by strace (delay injection): the
+      test kills once strace printed the call. The guest's request completes
+      after the restart (MemTotal follows the shrink, the pattern is kept),
+      host allocation within plugged blocks. Measured: kill -> the held
+      request completed.
+  r7  the same with --prealloc, a PLUG held at the exit of its populate's
+      fallocate (all allocated, the state not changed): the successor gives
+      it back, then plugs again.
 
 Every test also checks that the guest logged no virtio_mem error (conftest)
 and QEMU no vhost error.
@@ -27,6 +36,8 @@ import signal
 import time
 
 import pytest
+
+from vmemdev.testing.processes import SyscallHold
 
 from .harness import MiB, allocated, mib, note, record
 
@@ -231,3 +242,73 @@ def test_r5_a_corrupted_state_is_refused_and_nothing_is_discarded(lab):
     assert a2 >= a1, f"memory was discarded: {mib(a1)} -> {mib(a2)}"
     note(f"r5: a truncated state file: the successor refused it and exited 2 naming the file, `hold` "
          f"ended; the guest kept MemTotal, its pattern and the region's {mib(a2)}")
+
+
+def kill_inside_syscall(lab, strace: str, sc: str, extra: tuple[str, ...], start: int, target: int,
+                        what: str, line: str, at: str) -> None:
+    """The guest's request held inside its host work's fallocate by strace
+    (at the call's entry or its exit), the serving process killed there from
+    outside once strace printed the call; the successor must complete it."""
+    lab.start("vmemdev", requested=start, held=True, daemon_args=extra, scenario=sc)
+    lab.daemon_log_allow = KILLED
+    h1 = None
+    if start:
+        lab.wait_target(start, t0=lab.guest.t_start, where=f"boot with {mib(start)} requested")
+        h1 = write_pattern(lab)
+    first = lab.device.daemon.worker_pid()
+    hold = SyscallHold(first, "fallocate", at=at, strace=strace)
+    try:
+        t0 = time.monotonic()
+        lab.device.resize(target)
+        try:
+            held = hold.wait_output(line, timeout=300).group(0)
+        except (TimeoutError, RuntimeError) as exc:
+            lab.fail(f"{what}: the daemon was not seen inside fallocate: {exc}")
+        at_kill = allocated(lab.device.mem_path)
+        t_kill = time.monotonic()
+        hold.kill()
+    finally:
+        hold.close()
+    status = wait_new_worker(lab, first)
+    t_ctl = time.monotonic() - t_kill
+    assert status["resumed"]["count"] == 1 and status["resumed"]["by"] == "restart", status["resumed"]
+    # The request that was in flight at the kill, taken again and answered by the successor.
+    deadline = time.monotonic() + 60
+    while lab.device.sizes()[0] == start:
+        if time.monotonic() > deadline:
+            lab.fail(f"{what}: the request held at the kill did not complete within 60 s of the restart")
+        time.sleep(0.01)
+    t_first = time.monotonic() - t_kill
+    lab.wait_target(target, t0=t0, where=f"{what}: {mib(start)} -> {mib(target)} across the kill",
+                    timeout=600, every_poll="--prealloc" not in extra)
+    took = time.monotonic() - t0
+    log = lab.device.daemon.log_text()
+    assert f"worker {first} died (signal SIGKILL)" in log, log[-3000:]
+    if "--prealloc" in extra and at == "exit":  # the dead process had populated, for blocks still unplugged
+        assert f"gave back {at_kill} bytes" in log, log[-3000:]
+    st = lab.check_step(f"{what}: after the restart", target)
+    acc = lab.device.check_invariants(f"{what}: after the restart")
+    if h1 is not None:
+        h2 = pattern_hash(lab)
+        assert h2 == h1, f"the pattern changed across the kill inside the {what}: {h1} -> {h2}"
+    record(sc, "kill -9 -> control socket answers again", "vmemdev", t_ctl)
+    record(sc, "kill -9 -> the guest's next request completed", "vmemdev", t_first)
+    record(sc, f"resize {mib(start)} -> {mib(target)} with a kill inside -> reached", "vmemdev", took)
+    note(f"{sc}: strace showed `{held.split('] ')[-1]}`, region allocated {mib(at_kill)}; kill -9 of pid "
+         f"{first} {t_kill - t0:.1f} s after the resize: control socket back after {t_ctl:.2f} s, the held "
+         f"request completed {t_first:.2f} s after the kill; {mib(start)} -> {mib(target)} in {took:.1f} s; "
+         f"region allocated {mib(st['file_allocated'])}, outside plugged {acc['allocated_outside_plugged']} bytes"
+         + ("; pattern kept" if h1 is not None else "")
+         + ("; " + m.group(0) if (m := re.search(r"gave back \d+ bytes[^\n]*", log)) else ""))
+    check_qemu_clean(lab, what)
+
+
+def test_r6_kill_inside_the_discard_held_there_by_strace(lab, strace):
+    kill_inside_syscall(lab, strace, "r6: kill -9 inside an UNPLUG's discard (strace)", (), 512 * MiB,
+                        256 * MiB, "UNPLUG", r"fallocate\(\d+, FALLOC_FL_KEEP_SIZE\|FALLOC_FL_PUNCH_HOLE, \d+, \d+",
+                        "enter")
+
+
+def test_r7_kill_inside_a_prealloc_populate_held_there_by_strace(lab, strace):
+    kill_inside_syscall(lab, strace, "r7: kill -9 inside a --prealloc PLUG's populate (strace)", ("--prealloc",),
+                        0, 256 * MiB, "PLUG", r"fallocate\(\d+, 0, \d+, \d+\) += 0", "exit")
