@@ -160,8 +160,7 @@ def drain(persist: bool, n: int, directory: str) -> tuple[float, float]:
     if persist:
         model = device.model
         persistence = keeper.Persistence(
-            keeper.ConnectionKeeper(os.path.join(tmp.name, "bench.state")), record=model.to_record,
-            version=lambda: (model.bitmap.count, model.requested_size, model.usable_region_size))
+            keeper.ConnectionKeeper(os.path.join(tmp.name, "bench.state")), record=model.to_record)
     conn = FrontendConnection(a, device, engine.memory, serve, persistence=persistence)
     conn.engine = engine
     conn.persist(fds=False)
