@@ -24,12 +24,12 @@ bitmap) and reading the state back (what a successor does once).
 
     .venv/bin/python -m bench.durable_record --drain [--n 20000] [--rounds 5]
 
-times ``FrontendConnection._drain`` for one PLUG and one UNPLUG of a 2 MiB
-block (never-touched: 256 PLUGs, then 256 UNPLUGs, over again), the daemon's
+times ``FrontendConnection._drain`` for one PLUG, STATE and UNPLUG of a 2 MiB
+block (never-touched: 256 PLUGs, 256 STATEs, then 256 UNPLUGs, over again), the daemon's
 engine, device (fake host: no punch) and connection objects in this process
 with no socket and no wake-up, without and with a state file on tmpfs,
 alternately per round; the difference is what ``--state-file`` adds to the
-serving thread's Python per state-changing request.
+serving thread's Python per request (STATE changes nothing: it should add nothing).
 """
 
 from __future__ import annotations
@@ -130,8 +130,11 @@ def measure(region: int, n: int, rounds: int, directory: str) -> dict[str, float
     return out
 
 
-def drain(persist: bool, n: int, directory: str) -> tuple[float, float]:
-    """Median µs of _drain for a PLUG and for an UNPLUG."""
+KINDS = ("PLUG", "STATE", "UNPLUG")  # --drain: in this order, 256 of each, over again
+
+
+def drain(persist: bool, n: int, directory: str) -> list[float]:
+    """Median µs of _drain for each of KINDS."""
     import gc
     import logging
     import socket
@@ -160,26 +163,26 @@ def drain(persist: bool, n: int, directory: str) -> tuple[float, float]:
     if persist:
         model = device.model
         persistence = keeper.Persistence(
-            keeper.ConnectionKeeper(os.path.join(tmp.name, "bench.state")), record=model.to_record,
-            version=lambda: (model.bitmap.count, model.requested_size, model.usable_region_size))
+            keeper.ConnectionKeeper(os.path.join(tmp.name, "bench.state")), record=model.to_record)
     conn = FrontendConnection(a, device, engine.memory, serve, persistence=persistence)
     conn.engine = engine
     conn.persist(fds=False)
     resp = ram.alloc(16, 8)
-    kinds = (vm.RequestType.PLUG, vm.RequestType.UNPLUG)
+    kinds = tuple(vm.RequestType[k] for k in KINDS)
     reqs = {}
     for kind in kinds:
         for block in range(256):
             r = ram.alloc(32, 8)
             ram.write(r, vm.MemRequest(kind, ADDR + block * 2 * MiB, 1).pack())
             reqs[kind, block] = r
-    samples: tuple[list[int], list[int]] = ([], [])
+    samples: list[list[int]] = [[] for _ in kinds]
     fds = conn.rings[0]
-    n = -(-n // 512) * 512  # whole cycles: 256 PLUGs, 256 UNPLUGs
+    cycle = 256 * len(kinds)
+    n = -(-n // cycle) * cycle  # whole cycles: the blocks end unplugged
     gc.disable()
     try:
         for i in range(n):
-            phase = (i // 256) % 2
+            phase = (i // 256) % len(kinds)
             ring.write_desc(0, reqs[kinds[phase], i % 256], vm.REQUEST_SIZE, DESC_F_NEXT, 1)
             ring.write_desc(1, resp, vm.RESPONSE_SIZE, DESC_F_WRITE, 0)
             ring.publish(0)
@@ -196,24 +199,24 @@ def drain(persist: bool, n: int, directory: str) -> tuple[float, float]:
     b.close()
     ram.close()
     tmp.cleanup()
-    return statistics.median(samples[0]) / 1000, statistics.median(samples[1]) / 1000
+    return [statistics.median(s) / 1000 for s in samples]
 
 
 def main_drain(args: argparse.Namespace) -> int:
     print(f"# python -m bench.durable_record --drain --n {args.n} --rounds {args.rounds} --dir {args.dir}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, Python {platform.python_version()}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
-    print("| round | PLUG without µs | PLUG with µs | + µs | UNPLUG without µs | UNPLUG with µs | + µs |")
-    print("|---|---|---|---|---|---|---|")
-    plus: tuple[list[float], list[float]] = ([], [])
+    print("| round | " + " | ".join(f"{k} without µs | {k} with µs | + µs" for k in KINDS) + " |")
+    print("|---" * (1 + 3 * len(KINDS)) + "|")
+    plus: list[list[float]] = [[] for _ in KINDS]
     for i in range(args.rounds):
         without = drain(False, args.n, args.dir)
         with_ = drain(True, args.n, args.dir)
-        for k in (0, 1):
+        for k in range(len(KINDS)):
             plus[k].append(with_[k] - without[k])
-        print(f"| {i + 1} | {without[0]:.2f} | {with_[0]:.2f} | {plus[0][-1]:+.2f} | {without[1]:.2f} | "
-              f"{with_[1]:.2f} | {plus[1][-1]:+.2f} |")
-    print(f"| median | | | {statistics.median(plus[0]):+.2f} | | | {statistics.median(plus[1]):+.2f} |")
+        print(f"| {i + 1} | " + " | ".join(f"{without[k]:.2f} | {with_[k]:.2f} | {plus[k][-1]:+.2f}"
+                                         for k in range(len(KINDS))) + " |")
+    print("| median |" + " |".join(f" | | {statistics.median(p):+.2f}" for p in plus) + " |")
     return 0
 
 

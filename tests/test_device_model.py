@@ -168,6 +168,7 @@ class DeviceAgainstReference(RuleBasedStateMachine):
         self.plugged: set[int] = set()
         self.requested = 0
         self.usable = 0
+        self.seen: tuple[tuple[bytes, int, int], int] | None = None  # the state and its changes count
 
     def _usable_blocks(self) -> int:
         return self.usable // B
@@ -197,7 +198,9 @@ class DeviceAgainstReference(RuleBasedStateMachine):
 
     @rule(first=st.integers(0, NBLOCKS), nb=st.integers(1, 20))
     def state(self, first, nb):
+        changes = self.dev.changes
         resp = run(self.dev, RequestType.STATE, A + first * B, nb)
+        assert self.dev.changes == changes  # the request path saves nothing for a STATE
         if first + nb > self._usable_blocks():
             assert resp.type == ResponseType.ERROR
             return
@@ -219,6 +222,16 @@ class DeviceAgainstReference(RuleBasedStateMachine):
         assert cfg.requested_size == self.requested
         assert cfg.usable_region_size >= cfg.requested_size
         assert {i for s, n in self.dev.bitmap.runs() for i in range(s, s + n)} == self.plugged
+
+    @invariant()
+    def a_change_grows_changes(self):
+        """What the request path's save relies on (daemon/connection.py): the
+        state a successor needs changed only if ``changes`` grew."""
+        d = self.dev
+        now = (d.bitmap.to_bytes(), d.requested_size, d.usable_region_size)
+        if self.seen is not None and now != self.seen[0]:
+            assert d.changes > self.seen[1]
+        self.seen = (now, d.changes)
 
 
 TestDeviceAgainstReference = DeviceAgainstReference.TestCase

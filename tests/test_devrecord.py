@@ -80,6 +80,26 @@ def test_each_save_reads_back_as_the_model(path):
     assert not os.listdir(os.path.dirname(path))
 
 
+def test_an_answer_that_changed_nothing_writes_nothing(path):
+    m = model()
+    k = keeper.ConnectionKeeper(path)
+    m.set_requested_size(768 * MiB)
+    m.set_requested_size(512 * MiB)  # usable stays at 1G until an UNPLUG_ALL
+    k.save(ENGINE, m.to_record())
+    dev = k.device_record
+    assert dev is not None
+    before = open(path + ".dev", "rb").read()
+    assert dev.answer(m.to_record(), *answer(1)) is None  # a STATE
+    m.set_requested_size(512 * MiB)  # the same size: no change
+    assert dev.answer(m.to_record(), *answer(2)) is None
+    assert open(path + ".dev", "rb").read() == before
+    m.commit(UnplugAll(0))  # nothing plugged: no bitmap byte written, but usable shrinks
+    assert m.usable_region_size == 768 * MiB
+    assert dev.answer(m.to_record(), *answer(3)) is True
+    r, state = restored(path)
+    assert same(r, m) and state.answer == keeper.SavedAnswer(*answer(3))
+
+
 def test_a_slot_torn_at_any_byte_reads_as_the_state_before(path, monkeypatch):
     """kill -9 while the payload is being copied: any prefix of it may be in
     the file, the crc is the old one. Read back, the state is the previous one."""

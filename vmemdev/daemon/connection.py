@@ -551,10 +551,10 @@ class FrontendConnection:
         p = self.persistence
         if p is None:  # the hot path without --state-file: nothing more than before
             return self.serve_request(request) if request.chain is not None else b""
-        queue = self.engine.rings[index].queue
-        used_after = None if queue is None else (queue.used_idx + 1) & 0xFFFF
-        if p.answer is not None:
+        if p.answer is not None:  # a successor's first request: did the dead process decide it already?
             saved, p.answer = p.answer, None
+            queue = self.engine.rings[index].queue
+            used_after = None if queue is None else (queue.used_idx + 1) & 0xFFFF
             if (saved.ring, saved.head, saved.request, saved.used_idx) == (index, request.head, request.data,
                                                                           used_after):
                 log.info("vring %d: head %d re-delivered after a restart: answered as decided before",
@@ -563,20 +563,23 @@ class FrontendConnection:
         if request.chain is None:
             return b""
         response = self.serve_request(request)
-        if used_after is not None:
-            # If the device changed, saved before the guest can see it in the used ring.
+        device = p.record()
+        record = p.keeper.device_record
+        if record is not None and record.changes == device.changes:
+            return response  # the device did not change (STATE, a refusal): nothing to save
+        queue = self.engine.rings[index].queue
+        if queue is not None:
+            used_after = (queue.used_idx + 1) & 0xFFFF  # once this answer is published
+            # The device changed: saved before the guest can see the answer in the used ring.
             try:
-                record = p.keeper.device_record
                 stored = False if record is None else \
-                    record.answer(p.record(), index, request.head, request.data, response, used_after)
+                    record.answer(device, index, request.head, request.data, response, used_after)
                 if stored is False:  # nothing saved yet by this process, or more than a slot holds
-                    p.keeper.save(snapshot(self.engine), p.record(),
+                    p.keeper.save(snapshot(self.engine), device,
                                   SavedAnswer(index, request.head, request.data, response, used_after))
             except OSError as exc:
-                stored = True
                 log.error("cannot save the connection state (%s): a restart now would lose it", exc)
-            if stored is not None:
-                crash_point("answer-saved")  # decided and saved, not yet in the used ring
+            crash_point("answer-saved")  # decided and saved, not yet in the used ring
         return response
 
     # --- config-change notifications (backend channel) ---------------------------------

@@ -109,10 +109,13 @@ def _slot_bytes(seq: int, requested: int, usable: int, first: int, length: int, 
 
 
 def create(path: str, *, id: int, geometry: tuple[int, int, int], nblocks: int, requested: int, usable: int,
-           bitmap: bytes, answer: tuple[int, int, bytes, bytes, int] | None, seq: int = 1) -> DeviceRecordFile:
+           bitmap: bytes, answer: tuple[int, int, bytes, bytes, int] | None, seq: int = 1,
+           changes: int = -1) -> DeviceRecordFile:
     """Write a complete record file (PATH.new, then renamed over PATH) and map it.
     Every byte is written, so stores into the mapping never need a new page
-    (a sparse file on a full tmpfs would SIGBUS). Raises OSError."""
+    (a sparse file on a full tmpfs would SIGBUS). ``changes``: the device's
+    ``DeviceRecord.changes`` this state is of (-1: unknown, the next request
+    saves). Raises OSError."""
     if len(bitmap) != bitmap_length(nblocks):
         raise ValueError("bitmap length does not match the block count")
     addr, region, block = geometry
@@ -131,7 +134,7 @@ def create(path: str, *, id: int, geometry: tuple[int, int, int], nblocks: int, 
         while view:
             view = view[os.write(fd, view):]
         os.rename(temporary, path)
-        return DeviceRecordFile(path, fd, len(content), seq, 0, requested, usable)
+        return DeviceRecordFile(path, fd, len(content), seq, 0, changes)
     finally:
         os.close(fd)
 
@@ -139,12 +142,12 @@ def create(path: str, *, id: int, geometry: tuple[int, int, int], nblocks: int, 
 class DeviceRecordFile:
     """An open record file: ``answer`` is the per-request path."""
 
-    def __init__(self, path: str, fd: int, size: int, seq: int, slot: int, requested: int, usable: int):
+    def __init__(self, path: str, fd: int, size: int, seq: int, slot: int, changes: int):
         self.path = path
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.seq = seq  # of the newest record
         self._slot = slot  # where it is
-        self._sizes = requested, usable  # as the newest record has them
+        self.changes = changes  # the device's DeviceRecord.changes when the newest record was taken
         self.behind = False  # a change did not fit a slot: the file must be written anew
         self._crash: Callable[[str], None] | None = None  # crashpoints.crash_point, when the tests ask for one
 
@@ -153,16 +156,18 @@ class DeviceRecordFile:
         """Record the device's state and this answer (ring -1: no answer) in
         the next slot, and the bitmap bytes that changed since the last record
         (``bitmap.take_window``). None: with an answer, nothing changed since
-        the last record, so nothing is written. False: the change does not fit
-        a slot (or an earlier one did not); nothing is written, and the caller
-        must write the file anew (``behind``). True: recorded."""
+        the last record (``device.changes``), so nothing is written. False: the
+        change does not fit a slot (or an earlier one did not); nothing is
+        written, and the caller must write the file anew (``behind``). True:
+        recorded."""
         if self.behind:
             return False
+        changes = device.changes
+        if ring >= 0 and changes == self.changes:
+            return None
         touched = device.bitmap.take_window()
-        sizes = requested, usable = device.requested_size, device.usable_region_size
+        requested, usable = device.requested_size, device.usable_region_size
         if touched is None:
-            if ring >= 0 and sizes == self._sizes:
-                return None
             first = length = kind = 0  # NO_WINDOW
             data: bytes | bytearray = b""
         else:
@@ -191,7 +196,7 @@ class DeviceRecordFile:
         if crash is not None:
             crash("record-payload")
         m[offset:offset + 4] = _pack_crc(_crc32(payload))
-        self.seq, self._slot, self._sizes = seq, target, sizes
+        self.seq, self._slot, self.changes = seq, target, changes
         if kind:
             if crash is not None:
                 crash("record-crc")

@@ -217,7 +217,7 @@ class ConnectionKeeper:
         self.device_record = devrecord.create(
             self.device_path, id=self._id, geometry=(g.addr, g.region_size, g.block_size), nblocks=g.nblocks,
             requested=device.requested_size, usable=device.usable_region_size, bitmap=device.bitmap.to_bytes(),
-            answer=answer, seq=seq)
+            answer=answer, seq=seq, changes=device.changes)
         if os.environ.get("VMEMDEV_CRASH_POINT"):  # the tests': record-payload, record-crc (crashpoints.py)
             self.device_record._crash = crash_point
 

@@ -123,6 +123,8 @@ class DeviceRecord(Protocol):
     def usable_region_size(self) -> int: ...
     @property
     def bitmap(self) -> BlockBitmap: ...  # its take_window() tells what changed since the last save
+    @property
+    def changes(self) -> int: ...  # grows with every change of the above: "changed since the last save?" is one compare
 
 
 def _geometry_text(g: object) -> str:
@@ -139,6 +141,7 @@ class VirtioMemModel:
         self.bitmap = BlockBitmap(geometry.nblocks)
         self.requested_size = 0
         self.usable_region_size = 0
+        self.changes = 0  # bumped by every change of the bitmap or the sizes (DeviceRecord)
         self.set_requested_size(requested_size)
 
     # --- sizes ---------------------------------------------------------------
@@ -190,6 +193,7 @@ class VirtioMemModel:
         changed = size != self.requested_size or usable != self.usable_region_size
         self.requested_size = size
         self.usable_region_size = usable
+        self.changes += changed
         return changed
 
     # --- saved state (a successor process resumes from it) ---------------------
@@ -235,6 +239,7 @@ class VirtioMemModel:
         except ValueError as exc:
             raise ValueError(f"device state: bitmap: {exc}") from exc
         self.bitmap, self.requested_size, self.usable_region_size = bitmap, requested, usable
+        self.changes += 1
 
     # --- requests ------------------------------------------------------------
 
@@ -294,6 +299,7 @@ class VirtioMemModel:
             self.bitmap.clear_all()
             # The one place usable_region_size may shrink (no notification).
             self.usable_region_size = self._usable_for(self.requested_size)
+        self.changes += 1
         return ACK
 
     def block_addr(self, index: int) -> int:
