@@ -23,6 +23,9 @@
   r7  the same with --prealloc, a PLUG held at the exit of its populate's
       fallocate (all allocated, the state not changed): the successor gives
       it back, then plugs again.
+  r8  the process dies at each step of a vhost-user message (applied, reply
+      kept, message taken off: daemon/inflight.py) during QEMU's handshake,
+      and again during a guest reboot's reset: the guest plugs after each.
 
 Every test also checks that the guest logged no virtio_mem error (conftest)
 and QEMU no vhost error.
@@ -312,3 +315,56 @@ def test_r6_kill_inside_the_discard_held_there_by_strace(lab, strace):
 def test_r7_kill_inside_a_prealloc_populate_held_there_by_strace(lab, strace):
     kill_inside_syscall(lab, strace, "r7: kill -9 inside a --prealloc PLUG's populate (strace)", ("--prealloc",),
                         0, 256 * MiB, "PLUG", r"fallocate\(\d+, 0, \d+, \d+\) += 0", "exit")
+
+
+MESSAGE_POINTS = ("message-applied", "reply-owed", "message-consumed")  # daemon/inflight.py's steps
+
+
+def test_r8_deaths_inside_vhost_user_messages(lab):
+    """The serving process dies once at each step of a vhost-user message
+    while QEMU realizes the device and the guest's driver starts it, and
+    again during a guest reboot's reset: each is a pause."""
+    sc = "r8: kill -9 inside vhost-user messages"
+    markers = lab.workdir / "message-crashes"
+    markers.mkdir()
+    t0 = time.monotonic()
+    lab.start("vmemdev", requested=256 * MiB, reboot=True, held=True, scenario=sc,
+              daemon_env={"VMEMDEV_CRASH_POINT": f"{','.join(MESSAGE_POINTS)}:{markers}"})
+    lab.daemon_log_allow = KILLED
+    lab.wait_target(256 * MiB, t0=lab.guest.t_start, where="boot with 256M requested, three deaths in the handshake")
+    record(sc, "QEMU start -> 256M plugged, with three deaths inside its messages", "vmemdev",
+           time.monotonic() - t0)
+    assert sorted(p.name for p in markers.iterdir()) == sorted(MESSAGE_POINTS)
+    log = lab.device.daemon.log_text()
+    assert len(KILLED.findall(log)) == 3, log[-3000:]
+    status = lab.device.daemon.status()
+    assert status["resumed"]["count"] == 3 and status["frontend"] == "attached", status
+    check_qemu_clean(lab, "after the deaths in the handshake")
+    lab.check_guest_clean("after the deaths in the handshake")
+
+    for marker in markers.iterdir():  # armed again: the reboot's reset messages meet them
+        marker.unlink()
+    g = lab.guest
+    t0 = time.monotonic()
+    g.serial.send("RUN reboot0 reboot -f")
+    try:
+        g.wait_ready(180)
+    except Exception as exc:
+        lab.fail(f"the guest did not come back from reboot -f with deaths inside the reset: {exc}")
+    lab.boots += 1
+    lab.wait_probe()
+    lab.wait_target(256 * MiB, t0=t0, where="after the reboot, three more deaths")
+    record(sc, "reboot -f with three deaths inside its messages -> 256M plugged again", "vmemdev",
+           time.monotonic() - t0)
+    assert sorted(p.name for p in markers.iterdir()) == sorted(MESSAGE_POINTS)
+    lab.resize_and_wait(512 * MiB, scenario=sc, label="after the reboot 256M->512M")
+    lab.check_step("512M after the reboot", 512 * MiB)
+    status = lab.device.daemon.status()
+    assert status["resumed"]["count"] == 6, status
+    assert g.alive() and "front-end detached" not in lab.device.daemon.log_text()
+    log = lab.device.daemon.log_text()
+    note(f"r8: three deaths inside QEMU's vhost-user messages at start and three inside the reboot's: "
+         f"{log.count('handling it again')} message(s) handled again, "
+         f"{log.count('the dead process owed')} owed reply(ies) sent by a successor, "
+         f"{log.count('taken as sent')} taken as sent; the guest plugged 256M after each and 512M after")
+    check_qemu_clean(lab, "after the reboot")

@@ -31,7 +31,7 @@ SERVICE, SOCKET = f"vmemdev@{VM}.service", f"vmemdev@{VM}.socket"
 # test front-end's memory table has three regions, two of them in one memfd
 # (as QEMU's RAM below and above a hole), and one ring.
 CONNECTION_FDS = {"conn", "backend", "kick0", "call0", "err0", "mem0", "mem1", "mem2"}
-# systemd keeps one fd per open file: mem0 and mem1 are stored once, as "mem0+mem1".
+# systemd keeps one fd per open file: mem0 and mem1 share one entry.
 STORED = len(CONNECTION_FDS) - 1
 
 

@@ -4,8 +4,8 @@ attached connection.
 
 The fds go over as socket activation passes them (sd_listen_fds(3)): at 3,
 4, ... with LISTEN_PID (the same pid: execve keeps it), LISTEN_FDS and
-LISTEN_FDNAMES, the names the fd store uses (``vhost-user``, ``conn``,
-``backend``, ``kick0``, ``mem0``...). The new program resumes the connection
+LISTEN_FDNAMES: ``vhost-user`` and the connection's fd store entries by
+their names (``storedfds.py``), as a restart gets them. The new program resumes the connection
 from them and the state file exactly as after a crash-restart, so QEMU sees
 no close, and systemd and `vmemdev hold` see the same main pid.
 
