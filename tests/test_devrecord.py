@@ -328,3 +328,16 @@ def test_mutated_device_records_give_a_state_or_a_state_error(tmp_path_factory, 
         m.restore(state.device)
     except ValueError:
         pass
+
+
+def test_a_format_2_state_finds_its_fds_under_the_roles_names():
+    """Before format 3 the fd store entries carried the roles' names, those
+    of one file joined ("mem0+mem1"); a successor of that release finds
+    them so, and refuses a state whose entries are not all kept."""
+    state = keeper.SavedState(ENGINE, {}, None)
+    store = {"vhost-user": 3, "conn": 4, "mem0+mem1": 5, "kick0": 6, "backend": 7}
+    assert state.entry_names(store) == {"conn": "conn", "mem0": "mem0+mem1", "mem1": "mem0+mem1",
+                                        "kick0": "kick0", "backend": "backend"}
+    named = keeper.SavedState(ENGINE, {}, None, fdnames={"conn": "conn", "mem0": "mem0@4", "kick0": "kick0@2"})
+    with pytest.raises(StateError, match="the fd store lacks kick0@2, mem0@4"):
+        named.entry_names(store)

@@ -60,7 +60,7 @@ from .storedfds import StoredFds, is_ours
 log = logging.getLogger(__name__)
 
 FORMAT = 3  # what this version writes
-READS = (1, 2, 3)  # what load() reads: its own format and the previous one (an upgrade checks the new version's)
+READS = (1, 2, 3)  # what load() reads: its own format and the ones before (an upgrade checks the new version's)
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,7 @@ def load(path: str) -> SavedState:
             raw = json.loads(f.read())
         if not isinstance(raw, dict) or raw.get("format") not in READS:
             found = raw.get("format") if isinstance(raw, dict) else None
-            raise ValueError(f"format {found!r}, this version reads {' and '.join(map(str, READS))}")
+            raise ValueError(f"format {found!r}, this version reads {', '.join(map(str, READS))}")
         if raw["format"] == 1:
             return _load_1(raw)
         keys = {"format", "engine", "device"} | ({"fds"} if raw["format"] == 3 else set())
