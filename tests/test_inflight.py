@@ -10,6 +10,7 @@ import os
 import pytest
 
 from vmemdev.daemon import inflight
+from vmemdev.protocol import vhost_user as vu
 from vmemdev.vhost.snapshot import StateError
 
 
@@ -24,7 +25,7 @@ def test_each_step_reads_back_from_another_mapping(path):
     assert reader.read() == (inflight.IDLE, 0, 0, b"")
     writer.applying()
     assert reader.read()[0] == inflight.APPLYING
-    reply = bytes(range(40))
+    reply = vu.encode_reply(24, bytes(range(40)))
     writer.owed(24, 36, reply)
     assert reader.read() == (inflight.OWED, 24, 36, reply)
     writer.sending()
@@ -40,10 +41,11 @@ def test_each_step_reads_back_from_another_mapping(path):
     (8, (9).to_bytes(4, "little"), "step 9 is not one of"),
     (inflight.HEAD.size + 3, b"\xff", "fails its crc"),
     (16, (1 << 20).to_bytes(4, "little"), "out of bounds"),
+    (12, (23).to_bytes(4, "little"), "not one to request 23"),
 ])
 def test_a_damaged_journal_is_refused_naming_it(path, offset, value, message):
     journal = inflight.InFlight(path)
-    journal.owed(24, 36, bytes(range(40)))
+    journal.owed(24, 36, vu.encode_reply(24, bytes(range(40))))
     journal.close()
     fd = os.open(path, os.O_WRONLY)
     os.pwrite(fd, value, offset)

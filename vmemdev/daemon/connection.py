@@ -45,7 +45,16 @@ from ..vhost.snapshot import snapshot
 from . import inflight
 from .keeper import Persistence, SavedAnswer
 from .trace import Tracer
-from .vhost_wire import ConnectionClosed, RefusedMessage, close_all, consume, head_message, peek_message, read_message
+from .vhost_wire import (
+    PEEK_SIZE,
+    ConnectionClosed,
+    RefusedMessage,
+    close_all,
+    consume,
+    head_message,
+    peek_message,
+    read_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +133,7 @@ class FrontendConnection:
         # The journal of the message in flight (inflight.py), with a state file.
         self.inflight = persistence.keeper.inflight if persistence is not None else None
         self._redelivered = False  # the next message is one a dead process was applying
+        self._peek_buffer = bytearray(PEEK_SIZE)
 
     @property
     def memory(self) -> GuestMemory:
@@ -322,15 +332,20 @@ class FrontendConnection:
     # --- messages ----------------------------------------------------------------
 
     def _serve_message(self) -> None:
-        """Handle the next message. It stays on the socket until handled, and
-        with a state file the journal (inflight.py) records each step."""
+        """Handle the next message. With a state file it stays on the socket
+        until handled, and the journal (inflight.py) records each step."""
+        if self.inflight is None:  # no successor to leave it to
+            self._serve_unjournaled()
+            return
         fd = self.sock.fileno()
         try:
-            peeked = peek_message(self.sock, lambda: self._wait(fd, READABLE), self._wait_more)
+            peeked = peek_message(self.sock, lambda: self._wait(fd, READABLE), self._wait_more,
+                                  self._peek_buffer)
         except RefusedMessage as exc:
             self._finish(exc.request, exc.length, self._failure(exc.request, exc.flags, exc))
             return
         if peeked is None:  # fds in a piece shorter than the message: read it as it comes
+            log.warning("a message whose fds came apart from it: read without a journal")
             self._serve_unjournaled()
             return
         request, flags, payload, fds, length = peeked
@@ -338,7 +353,7 @@ class FrontendConnection:
             self.tracer.record(True, request, flags, payload, len(fds))
         redelivered, self._redelivered = self._redelivered, False
         with self.lock:
-            if request not in READ_ONLY and self.inflight is not None:
+            if request not in READ_ONLY:
                 self.inflight.applying()
             reply = self._dispatch(request, flags, payload, fds, redelivered)
             if request not in READ_ONLY:
@@ -350,19 +365,20 @@ class FrontendConnection:
         """Take the handled message off the socket and send its reply: the
         reply is kept in the journal first, so that a successor sends it if
         this process dies before it has (inflight.py)."""
-        data = None if reply is None else vu.encode_reply(request, reply)
         journal = self.inflight
-        if journal is not None and data is not None:
-            journal.owed(request, length, data)
-            crash_point("reply-owed")
-        consume(self.sock, length, lambda: self._wait(self.sock.fileno(), READABLE))
-        if data is not None:
-            if journal is not None:
-                crash_point("message-consumed")
-                journal.sending()
-            self._reply(request, data)
-        if journal is not None:
+        assert journal is not None
+        wait = lambda: self._wait(self.sock.fileno(), READABLE)  # noqa: E731
+        if reply is None:
+            consume(self.sock, length, wait, self._peek_buffer)
             journal.idle()
+            return
+        data = vu.encode_reply(request, reply)
+        journal.owed(request, length, data)
+        crash_point("reply-owed")
+        consume(self.sock, length, wait, self._peek_buffer)
+        crash_point("message-consumed")
+        journal.sending()  # from here on the reply counts as sent: a successor does nothing more
+        self._reply(request, data)
 
     def _reply(self, request: int, data: bytes) -> None:
         if self.tracer:
@@ -379,7 +395,6 @@ class FrontendConnection:
             reply = self._failure(exc.request, exc.flags, exc)
             request = exc.request
         else:
-            log.warning("%s: its fds came apart from it: read without a journal", vu.request_name(request))
             with self.lock:
                 reply = self._dispatch(request, flags, payload, fds)
                 if request not in READ_ONLY:
@@ -399,12 +414,12 @@ class FrontendConnection:
             self._redelivered = True
         elif step == inflight.OWED:
             if head_message(self.sock) == (request, length):  # the front-end waits: it sent nothing since
-                consume(self.sock, length, lambda: self._wait(self.sock.fileno(), READABLE))
+                consume(self.sock, length, lambda: self._wait(self.sock.fileno(), READABLE), self._peek_buffer)
             log.warning("sending the reply to %s the dead process owed", vu.request_name(request))
             journal.sending()
             self._reply(request, data)
-        elif step == inflight.SENDING:
-            log.info("the dead process was sending a reply to %s: taken as sent", vu.request_name(request))
+        elif step == inflight.SENDING:  # also where a message with a reply ends: nothing to do
+            log.debug("the last reply, to %s, was being sent or was sent", vu.request_name(request))
         journal.idle()
 
     def _wait_more(self) -> bool:

@@ -10,8 +10,8 @@ order (``connection.py``):
     (saved)   the connection's state file holds its effect
     OWED      its reply is decided and kept here; the message not yet consumed
     (consumed)
-    SENDING   the reply is being sent
-    IDLE      done
+    SENDING   the reply is being sent, or was: done
+    IDLE      done (a message without a reply)
 
 What a successor does (``settle``):
 
@@ -25,12 +25,14 @@ What a successor does (``settle``):
   is sent.
 - SENDING: taken as sent. Wrong only if the process died between this
   store and the kernel taking the reply (a few instructions); the other
-  choice would send a second reply whenever QEMU had read the first.
+  choice would send a second reply whenever QEMU had read the first. It
+  stays the step after the send: nothing more is stored for a read-only
+  message (GET_CONFIG is on a vCPU's path).
 
 Layout (little-endian, mapped shared: every step is a few stores, which
 survive the process at any instant): magic, the step, the message's
-request and length, the reply's length, a crc32 of those and the reply,
-then the reply. The step is stored last.
+request and length, the reply's length and crc32, then the reply (whose
+own header names the request and its size again). The step is stored last.
 """
 
 from __future__ import annotations
@@ -49,9 +51,8 @@ STEPS = {IDLE: "idle", APPLYING: "applying", OWED: "reply owed", SENDING: "sendi
 HEAD = struct.Struct("<8sIIIII")  # magic, step, request, length, reply length, crc
 STEP = struct.Struct("<I")
 STEP_AT = 8
-FIELDS_AT = 12  # request, length, reply length
-FIELDS = struct.Struct("<III")
-CRC_AT = 24
+FIELDS = struct.Struct("<IIII")  # request, length, reply length, crc32 of the reply
+FIELDS_AT = 12
 MAX_REPLY = vu.HEADER.size + vu.MAX_PAYLOAD
 SIZE = HEAD.size + MAX_REPLY
 
@@ -86,8 +87,11 @@ class InFlight:
         if reply_len > MAX_REPLY or not vu.HEADER.size <= length <= MAX_REPLY:
             raise StateError(f"{self.path}: lengths {length}/{reply_len} out of bounds")
         reply = bytes(self._map[HEAD.size:HEAD.size + reply_len])
-        if zlib.crc32(reply, zlib.crc32(self._map[FIELDS_AT:CRC_AT])) != crc:
+        if zlib.crc32(reply) != crc:
             raise StateError(f"{self.path}: the kept reply fails its crc")
+        if reply_len < vu.HEADER.size or vu.HEADER.unpack_from(reply) != (request, vu.REPLY_FLAGS,
+                                                                          reply_len - vu.HEADER.size):
+            raise StateError(f"{self.path}: the kept reply is not one to request {request}")
         return step, request, length, reply
 
     def applying(self) -> None:
@@ -97,8 +101,7 @@ class InFlight:
         """Keep ``reply`` to the message (``request``, ``length`` bytes) at the head."""
         m = self._map
         m[HEAD.size:HEAD.size + len(reply)] = reply
-        FIELDS.pack_into(m, FIELDS_AT, request, length, len(reply))
-        STEP.pack_into(m, CRC_AT, zlib.crc32(reply, zlib.crc32(m[FIELDS_AT:CRC_AT])))
+        FIELDS.pack_into(m, FIELDS_AT, request, length, len(reply), zlib.crc32(reply))
         STEP.pack_into(m, STEP_AT, OWED)  # last: until here a successor sees the step before
 
     def sending(self) -> None:

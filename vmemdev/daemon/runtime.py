@@ -171,6 +171,8 @@ class DeviceRuntime:
             changed = self.device.resize(requested_size, reason=reason, force=force)
             after = {"requested_size": self.device.requested_size, "changed": changed,
                      "hot_add_failures": self.device.rollbacks.total}
+            if changed:
+                self._save_locked()
         if changed:
             self.notify_config_change()
         return after
@@ -178,16 +180,24 @@ class DeviceRuntime:
     def set_limit(self, name: str, value: int | None) -> None:
         with self.lock:
             changed = self.device.set_limit(name, value)
+            if changed:
+                self._save_locked()
         if changed:
             self.notify_config_change()
 
+    def _save_locked(self) -> None:
+        """Save a config change under the lock that made it: a config read
+        (GET_CONFIG) cannot show the driver a size a restart would forget."""
+        if self.frontend is not None:
+            self.frontend.persist()
+
     def notify_config_change(self) -> None:
+        """Tell the driver the config changed; the caller saved the change
+        (``_save_locked``) before it let go of the lock."""
         frontend = self.frontend
         if frontend is None:
             log.info("no front-end attached: the driver reads the new config when it probes")
         else:
-            with self.lock:  # saved before the driver can see it
-                frontend.persist()
             frontend.notify_config_change()
         with self.lock:
             d = self.device.model
@@ -265,6 +275,8 @@ class DeviceRuntime:
             try:
                 with self.lock:
                     changed = self.device.enforce_memory_high()
+                    if changed:
+                        self._save_locked()
                 if changed:
                     self.notify_config_change()
             except OSError as exc:

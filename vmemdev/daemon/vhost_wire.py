@@ -118,13 +118,14 @@ PEEK_SIZE = vu.HEADER.size + vu.MAX_PAYLOAD + 1
 FD_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * FD_BYTES)
 
 
-def peek_message(sock: socket.socket, wait_readable: Callable[[], None],
-                 wait_more: Callable[[], bool]) -> tuple[int, int, bytes, tuple[int, ...], int] | None:
+def peek_message(sock: socket.socket, wait_readable: Callable[[], None], wait_more: Callable[[], bool],
+                 buf: bytearray) -> tuple[int, int, bytes, tuple[int, ...], int] | None:
     """The next whole message, left on the socket: (request, flags, payload,
     fds, length); the fds are ours (copies), ``length`` is what ``consume``
     takes off once it is handled. ``wait_readable`` blocks until data
     arrives; ``wait_more`` until more of a partial message may have (True:
-    the front-end has closed its end).
+    the front-end has closed its end). ``buf``: PEEK_SIZE bytes to peek
+    into (the caller's, reused: no allocation per message).
 
     None: the message's fds came in a piece shorter than the message, which
     a peek cannot see past; read it with ``read_message`` (QEMU sends each
@@ -133,42 +134,43 @@ def peek_message(sock: socket.socket, wait_readable: Callable[[], None],
     """
     closed = False
     while True:
-        data, fds, flags = _peek(sock, wait_readable)
+        n, fds, flags = _peek(sock, wait_readable, buf)
         request = None
-        if len(data) >= vu.HEADER.size:
+        if n >= vu.HEADER.size:
             try:
-                request, msg_flags, size = vu.parse_header(data)
+                request, msg_flags, size = vu.parse_header(buf)
             except PeerError as exc:
                 close_all(fds)
                 raise ConnectionClosed(f"{exc}; the stream cannot be trusted any more") from exc
             length = vu.HEADER.size + size
-            if len(data) > length:  # a peek stops after a piece with fds: these are a later message's
+            if n > length:  # a peek stops after a piece with fds: these are a later message's
                 close_all(fds)
-                return request, msg_flags, data[vu.HEADER.size:length], (), length
-            if len(data) == length:
+                return request, msg_flags, bytes(buf[vu.HEADER.size:length]), (), length
+            if n == length:
                 if flags & socket.MSG_CTRUNC or len(fds) > vu.MAX_FDS:
                     close_all(fds)
                     raise RefusedMessage(request, msg_flags, f"{vu.request_name(request)}: more file "
                                          f"descriptors than {vu.MAX_FDS}", length)
-                return request, msg_flags, data[vu.HEADER.size:], tuple(fds), length
+                return request, msg_flags, bytes(buf[vu.HEADER.size:length]), tuple(fds), length
         close_all(fds)
         if fds or flags & socket.MSG_CTRUNC:  # a piece with fds ends before the message does
             return None
         if closed:  # and nothing more came since
             if request is None:
-                raise ConnectionClosed(f"front-end closed the socket inside a header ({len(data)} of 12 bytes)")
+                raise ConnectionClosed(f"front-end closed the socket inside a header ({n} of 12 bytes)")
             raise ConnectionClosed(f"front-end closed the socket inside {vu.request_name(request)}'s payload")
         closed = wait_more()
 
 
-def _peek(sock: socket.socket, wait_readable: Callable[[], None]) -> tuple[bytes, list[int], int]:
-    """What a peek gives. It copies on through the pieces the front-end sent
-    until one that carried fds, whose fds it gives (or until PEEK_SIZE, one
-    more than a message can be: so a peek that ends exactly where the
-    message does was stopped by the message's own fds, or by the end of data)."""
+def _peek(sock: socket.socket, wait_readable: Callable[[], None], buf: bytearray) -> tuple[int, list[int], int]:
+    """What a peek gives: (bytes in ``buf``, fds, flags). It copies on through
+    the pieces the front-end sent until one that carried fds, whose fds it
+    gives (or until PEEK_SIZE, one more than a message can be: so a peek that
+    ends exactly where the message does was stopped by the message's own
+    fds, or by the end of data)."""
     while True:
         try:
-            data, ancdata, flags, _ = sock.recvmsg(PEEK_SIZE, FD_SPACE, socket.MSG_PEEK | socket.MSG_CMSG_CLOEXEC)
+            n, ancdata, flags, _ = sock.recvmsg_into([buf], FD_SPACE, socket.MSG_PEEK | socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             wait_readable()
             continue
@@ -176,26 +178,28 @@ def _peek(sock: socket.socket, wait_readable: Callable[[], None]) -> tuple[bytes
             raise ConnectionClosed(f"front-end connection failed: {exc}") from exc
         fds: list[int] = []
         _take_fds(ancdata, fds)
-        if not data:
+        if not n:
             close_all(fds)
             raise ConnectionClosed("front-end closed the socket")
-        return data, fds, flags
+        return n, fds, flags
 
 
-def consume(sock: socket.socket, length: int, wait_readable: Callable[[], None]) -> None:
-    """Take ``length`` bytes (a message peeked whole) off the socket. The fds
-    that came with them are not received: the kernel closes them."""
+def consume(sock: socket.socket, length: int, wait_readable: Callable[[], None], buf: bytearray) -> None:
+    """Take ``length`` bytes (a message peeked whole) off the socket, read
+    into ``buf`` (at least PEEK_SIZE) and dropped. The fds that came with
+    them are not received: the kernel closes them."""
+    view = memoryview(buf)
     while length:
         try:
-            data = sock.recv(length)
+            n = sock.recv_into(view, length)
         except BlockingIOError:
             wait_readable()
             continue
         except OSError as exc:
             raise ConnectionClosed(f"front-end connection failed: {exc}") from exc
-        if not data:
+        if not n:
             raise ConnectionClosed("front-end closed the socket")
-        length -= len(data)
+        length -= n
 
 
 def head_message(sock: socket.socket) -> tuple[int, int] | None:

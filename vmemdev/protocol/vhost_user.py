@@ -306,7 +306,7 @@ def is_known(request: int) -> bool:
     return request in _LAYOUTS
 
 
-def parse_header(data: bytes | memoryview) -> tuple[int, int, int]:
+def parse_header(data: bytes | bytearray | memoryview) -> tuple[int, int, int]:
     """(request, flags, size) from 12 bytes; checks version and size bound."""
     request, flags, size = HEADER.unpack_from(data)
     if flags & VERSION_MASK != Flags.VERSION:
