@@ -6,7 +6,11 @@ ring), ``host-work-done`` (a PLUG's populate or an UNPLUG's discard
 done, the device's state not yet changed or saved), and inside a request's
 save in the state file's device record (``daemon/devrecord.py``):
 ``record-payload`` (a slot's payload written, not its crc) and
-``record-crc`` (the slot complete, its bitmap bytes not yet copied).
+``record-crc`` (the slot complete, its bitmap bytes not yet copied). In a
+vhost-user message (``daemon/inflight.py``): ``message-applied`` (handled
+and saved, still on the socket), ``reply-owed`` (its reply kept, the
+message still on the socket) and ``message-consumed`` (taken off, the
+reply not sent).
 """
 
 from __future__ import annotations

@@ -133,6 +133,7 @@ class FrontendConnection:
         # The journal of the message in flight (inflight.py), with a state file.
         self.inflight = persistence.keeper.inflight if persistence is not None else None
         self._redelivered = False  # the next message is one a dead process was applying
+        self._resume_notices_owed = False  # a successor's interrupt and config change, once a ring runs
         self._peek_buffer = bytearray(PEEK_SIZE)
 
     @property
@@ -261,19 +262,14 @@ class FrontendConnection:
             with self.lock:  # kept before its first message: a successor serves the handshake
                 self.persist()
         if self.resumed:
-            self._settle_message()
-            # The dead process may have taken a kick without serving it, or saved a
-            # change of requested size without the notification going out: a
-            # spurious notification only makes the driver read the config again.
-            # It may also have published a used element without signalling it: a
-            # spurious interrupt only makes the driver look at the used ring.
+            mid_operation = self._settle_message()
             with self.lock:
                 self.persist(fds=False)  # this process's own record files, of the same state
                 for ring in self.rings:
                     self._drain(ring)
-                    if self.engine.rings[ring.index].queue is not None:
-                        ring.signal_used()
-            self.notify_config_change()
+            self._resume_notices_owed = True
+            if not mid_operation:  # else after the front-end's next message
+                self._send_resume_notices()
         try:
             while True:
                 if self._park_requested:  # here, nothing is half done
@@ -285,6 +281,8 @@ class FrontendConnection:
                         self._kicked(fd, self._kicks[fd], events)
                     elif fd == self.sock.fileno():
                         self._serve_message()
+                        if self._resume_notices_owed:
+                            self._send_resume_notices()
                         break  # the message may have replaced the fds polled next: poll again
         except Stopping:
             log.info("front-end connection stopped by the daemon")
@@ -293,6 +291,23 @@ class FrontendConnection:
         finally:
             self._ended = True
             self._parked.set()  # whoever waits for a park hears that there will be none
+
+    def _send_resume_notices(self) -> None:
+        """A successor's, once a ring runs: the dead process may have published
+        a used element without signalling it (a spurious interrupt only makes
+        the driver look at the used ring), or saved a change of requested size
+        without the notification going out (a spurious one only makes the
+        driver read the config again). Not while no ring runs, nor right after
+        a message that changes state: then QEMU is resetting, starting or
+        remapping the device (QEMU 11.1.3 crashed on a config change in the
+        middle of a reset), and a driver that starts reads the config anyway."""
+        if not any(ring.ready for ring in self.engine.rings):
+            return
+        self._resume_notices_owed = False
+        for ring in self.rings:
+            if self.engine.rings[ring.index].ready:
+                ring.signal_used()
+        self.notify_config_change()
 
     def _park_here(self) -> None:
         self._woken()  # owed notifications go out first
@@ -402,12 +417,14 @@ class FrontendConnection:
         if reply is not None:
             self._reply(request, vu.encode_reply(request, reply))
 
-    def _settle_message(self) -> None:
+    def _settle_message(self) -> bool:
         """A successor: finish the message the dead process was handling
-        (inflight.py has the steps)."""
+        (inflight.py has the steps). True if it was one that changes state:
+        QEMU is then in the middle of starting, resetting or remapping the
+        device."""
         journal = self.inflight
         if journal is None:
-            return
+            return False
         step, request, length, data = journal.read()
         if step == inflight.APPLYING:
             log.warning("the dead process was applying a message: handling it again")
@@ -421,6 +438,7 @@ class FrontendConnection:
         elif step == inflight.SENDING:  # also where a message with a reply ends: nothing to do
             log.debug("the last reply, to %s, was being sent or was sent", vu.request_name(request))
         journal.idle()
+        return step == inflight.APPLYING or (step == inflight.OWED and request not in READ_ONLY)
 
     def _wait_more(self) -> bool:
         """Part of a message has arrived: wait a little for the rest (the socket

@@ -112,7 +112,8 @@ def restore(device: Device, memory: GuestMemory, record: EngineRecord, region_fd
     engine.protocol_features = record.protocol_features
     engine.owner = record.owner
     engine.status = record.status
-    device.set_features(record.features & device.features)
+    if record.features:  # none yet: SET_FEATURES has not come (a handshake in progress)
+        device.set_features(record.features & device.features)
     try:
         for (gpa, size, uaddr, offset), fd in zip(record.regions, region_fds, strict=True):
             memory.add(MemoryRegion(gpa, size, uaddr, offset), fd)
