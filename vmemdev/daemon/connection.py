@@ -297,10 +297,12 @@ class FrontendConnection:
         a used element without signalling it (a spurious interrupt only makes
         the driver look at the used ring), or saved a change of requested size
         without the notification going out (a spurious one only makes the
-        driver read the config again). Not while no ring runs, nor right after
-        a message that changes state: then QEMU is resetting, starting or
-        remapping the device (QEMU 11.1.3 crashed on a config change in the
-        middle of a reset), and a driver that starts reads the config anyway."""
+        driver read the config again). Not while no ring runs, and when the
+        dead process died inside a message that changes state not before the
+        front-end's next message has been handled: QEMU is then resetting,
+        starting or remapping the device (QEMU 11.1.3 crashed on a config
+        change in the middle of a reset), and a driver that starts reads the
+        config anyway."""
         if not any(ring.ready for ring in self.engine.rings):
             return
         self._resume_notices_owed = False
