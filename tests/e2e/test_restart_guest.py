@@ -95,6 +95,21 @@ def wait_new_worker(lab, old: int, timeout: float = 30.0) -> dict:
         time.sleep(0.02)
 
 
+def reboot_and_replug(lab, sc: str, what: str, timeout: float) -> None:
+    """`reboot -f` in the guest; the new boot's driver plugs the 256M requested again."""
+    g = lab.guest
+    t0 = time.monotonic()
+    g.serial.send("RUN reboot0 reboot -f")
+    try:
+        g.wait_ready(timeout)
+    except Exception as exc:
+        lab.fail(f"the guest did not come back from reboot -f {what}: {exc}")
+    lab.boots += 1
+    lab.wait_probe()
+    lab.wait_target(256 * MiB, t0=t0, where=f"after the reboot {what}, requested 256M")
+    record(sc, f"reboot -f {what} -> 256M plugged again", "vmemdev", time.monotonic() - t0)
+
+
 def test_r1_kill_9_with_512m_plugged_then_resize_and_reboot(lab):
     sc = "r1: kill -9 under a running guest"
     lab.start("vmemdev", requested=512 * MiB, reboot=True, held=True, scenario=sc)
@@ -135,16 +150,7 @@ def test_r1_kill_9_with_512m_plugged_then_resize_and_reboot(lab):
 
     # d: a guest reboot after the restart (QEMU aborted here when the connection had closed)
     g = lab.guest
-    t0 = time.monotonic()
-    g.serial.send("RUN reboot0 reboot -f")
-    try:
-        g.wait_ready(120)
-    except Exception as exc:
-        lab.fail(f"the guest did not come back from reboot -f after the restart: {exc}")
-    lab.boots += 1
-    lab.wait_probe()
-    lab.wait_target(256 * MiB, t0=t0, where="after the reboot, requested 256M")
-    record(sc, "reboot -f after the restart -> 256M plugged again", "vmemdev", time.monotonic() - t0)
+    reboot_and_replug(lab, sc, "after the restart", 120)
     lab.resize_and_wait(512 * MiB, scenario=sc, label="after the reboot 256M->512M")
     lab.check_step("512M after the reboot", 512 * MiB)
     assert g.alive(), "QEMU exited at the reboot"
@@ -345,17 +351,7 @@ def test_r8_deaths_inside_vhost_user_messages(lab):
     for marker in markers.iterdir():  # armed again: the reboot's reset messages meet them
         marker.unlink()
     g = lab.guest
-    t0 = time.monotonic()
-    g.serial.send("RUN reboot0 reboot -f")
-    try:
-        g.wait_ready(180)
-    except Exception as exc:
-        lab.fail(f"the guest did not come back from reboot -f with deaths inside the reset: {exc}")
-    lab.boots += 1
-    lab.wait_probe()
-    lab.wait_target(256 * MiB, t0=t0, where="after the reboot, three more deaths")
-    record(sc, "reboot -f with three deaths inside its messages -> 256M plugged again", "vmemdev",
-           time.monotonic() - t0)
+    reboot_and_replug(lab, sc, "with three deaths inside its messages", 180)
     assert sorted(p.name for p in markers.iterdir()) == sorted(MESSAGE_POINTS)
     lab.resize_and_wait(512 * MiB, scenario=sc, label="after the reboot 256M->512M")
     lab.check_step("512M after the reboot", 512 * MiB)
