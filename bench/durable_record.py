@@ -30,6 +30,14 @@ engine, device (fake host: no punch) and connection objects in this process
 with no socket and no wake-up, without and with a state file on tmpfs,
 alternately per round; the difference is what ``--state-file`` adds to the
 serving thread's Python per request (STATE changes nothing: it should add nothing).
+
+    .venv/bin/python -m bench.durable_record --message [--n 20000] [--rounds 5]
+
+times ``FrontendConnection._serve_message`` for one GET_CONFIG sent over a
+socketpair by this process (the peek, the engine, the journal's steps, the
+consume and the send; the reply read back after the clock stops), without
+and with a state file on tmpfs, alternately per round: what the message
+journal adds to the vCPU-bound config read.
 """
 
 from __future__ import annotations
@@ -202,6 +210,70 @@ def drain(persist: bool, n: int, directory: str) -> list[float]:
     return [statistics.median(s) / 1000 for s in samples]
 
 
+def message(persist: bool, n: int, directory: str) -> float:
+    """Median µs of _serve_message for a GET_CONFIG."""
+    import gc
+    import logging
+    import socket
+
+    from bench import phases
+    from vmemdev.daemon.connection import FrontendConnection
+    from vmemdev.host.fake import FakeHost
+    from vmemdev.protocol import vhost_user as vu
+    from vmemdev.protocol import virtio_mem as vm
+    from vmemdev.virtio_mem.device import VirtioMem
+
+    logging.disable(logging.WARNING)
+    phases.VirtioMem = lambda g, r, host: VirtioMem(g, r, host=FakeHost(), memmap_observe=False)  # type: ignore
+    engine, device, ram, _ = phases._attached()
+    a, b = socket.socketpair()
+    tmp = tempfile.TemporaryDirectory(dir=directory)
+    persistence = None
+    if persist:
+        persistence = keeper.Persistence(
+            keeper.ConnectionKeeper(os.path.join(tmp.name, "bench.state")), record=device.model.to_record)
+    conn = FrontendConnection(a, device, engine.memory, lambda request: b"", persistence=persistence)
+    conn.engine = engine
+    if persist:
+        conn.persist(fds=False)
+    get_config = vu.encode(vu.Request.GET_CONFIG, vu.encode_config(0, bytes(vm.CONFIG_SIZE)))
+    samples = []
+    gc.disable()
+    try:
+        for _ in range(n):
+            b.sendall(get_config)
+            t = ns()
+            conn._serve_message()
+            samples.append(ns() - t)
+            reply = b.recv(4096)
+    finally:
+        gc.enable()
+    assert reply[:4] == get_config[:4] and len(reply) == len(get_config), reply
+    if persistence is not None:
+        persistence.keeper.forget()
+    conn.close()
+    b.close()
+    ram.close()
+    tmp.cleanup()
+    return statistics.median(samples) / 1000
+
+
+def main_message(args: argparse.Namespace) -> int:
+    print(f"# python -m bench.durable_record --message --n {args.n} --rounds {args.rounds} --dir {args.dir}")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, Python {platform.python_version()}, "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+    print("| round | GET_CONFIG without µs | GET_CONFIG with µs | + µs |")
+    print("|---|---|---|---|")
+    plus = []
+    for i in range(args.rounds):
+        without = message(False, args.n, args.dir)
+        with_ = message(True, args.n, args.dir)
+        plus.append(with_ - without)
+        print(f"| {i + 1} | {without:.2f} | {with_:.2f} | {plus[-1]:+.2f} |")
+    print(f"| median | | | {statistics.median(plus):+.2f} |")
+    return 0
+
+
 def main_drain(args: argparse.Namespace) -> int:
     print(f"# python -m bench.durable_record --drain --n {args.n} --rounds {args.rounds} --dir {args.dir}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, Python {platform.python_version()}, "
@@ -227,9 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dir", default="/dev/shm")
     ap.add_argument("--drain", action="store_true", help="time _drain with and without a state file")
+    ap.add_argument("--message", action="store_true", help="time a GET_CONFIG's _serve_message, likewise")
     args = ap.parse_args(argv)
     if args.drain:
         return main_drain(args)
+    if args.message:
+        return main_message(args)
     print(f"# python -m bench.durable_record --n {args.n} --rounds {args.rounds} --dir {args.dir}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, Python {platform.python_version()}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")

@@ -7,7 +7,9 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/kcmp.h>
+#include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -194,4 +196,111 @@ void vmem_publish_used(uint64_t elem_addr, uint32_t id, uint32_t len, uint64_t i
     __atomic_store_n(&elem[0], id, __ATOMIC_RELAXED);
     __atomic_store_n(&elem[1], len, __ATOMIC_RELAXED);
     __atomic_store_n((uint16_t *)(uintptr_t)idx_addr, idx, __ATOMIC_RELEASE);
+}
+
+
+/* --- vhost-user messages (see vmemshim.h) --------------------------------- */
+
+#define JOURNAL_STEP 8    /* offsets in the journal (vmemdev/daemon/inflight.py) */
+#define JOURNAL_FIELDS 12 /* request, length, reply length, crc32 */
+#define JOURNAL_REPLY 28
+
+static uint32_t crc_table[256];
+
+/* The CRC-32 of zlib (and Python's zlib.crc32), whose table is built once. */
+__attribute__((constructor)) static void build_crc_table(void)
+{
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++)
+            c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[n] = c;
+    }
+}
+
+static uint32_t crc32(const uint8_t *p, size_t n)
+{
+    uint32_t c = 0xFFFFFFFFu;
+    while (n--)
+        c = crc_table[(c ^ *p++) & 0xFF] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+
+int vmem_msg_peek(int sock, uint8_t *buf, uint32_t len, int *fds, uint32_t max_fds, uint32_t *nfds)
+{
+    union { struct cmsghdr align; char bytes[CMSG_SPACE(253 * sizeof(int))]; } control; /* SCM_MAX_FD */
+    struct iovec iov = { buf, len };
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.bytes,
+                          .msg_controllen = CMSG_SPACE((max_fds < 253 ? max_fds : 253) * sizeof(int)) };
+    ssize_t n;
+    uint32_t count = 0;
+
+    *nfds = 0;
+    do
+        n = recvmsg(sock, &msg, MSG_PEEK | MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -errno;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t in_cmsg = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < in_cmsg; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+            if (count < max_fds)
+                fds[count++] = fd;
+            else
+                close(fd); /* cannot happen: the buffer holds max_fds */
+        }
+    }
+    if (msg.msg_flags & MSG_CTRUNC) { /* more than max_fds came: none is usable */
+        while (count)
+            close(fds[--count]);
+        count = max_fds + 1;
+    }
+    *nfds = count;
+    return (int)n;
+}
+
+int vmem_msg_finish(int sock, uint8_t *journal, uint32_t request, uint32_t length, const char *reply,
+                    uint32_t reply_len, int steps, uint32_t *consumed)
+{
+    uint8_t scratch[4096];
+    ssize_t n;
+
+    if ((steps & VMEM_MSG_KEEP) && journal) {
+        uint32_t fields[4] = { request, length, reply_len, crc32((const uint8_t *)reply, reply_len) };
+        memcpy(journal + JOURNAL_REPLY, reply, reply_len);
+        memcpy(journal + JOURNAL_FIELDS, fields, sizeof(fields));
+        /* Last: until here a successor sees the step before. */
+        __atomic_store_n((uint32_t *)(journal + JOURNAL_STEP), VMEM_STEP_OWED, __ATOMIC_RELEASE);
+    }
+    if (steps & VMEM_MSG_CONSUME) {
+        *consumed = 0;
+        while (*consumed < length) {
+            uint32_t want = length - *consumed;
+            n = recv(sock, scratch, want < sizeof(scratch) ? want : sizeof(scratch), MSG_DONTWAIT);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0)
+                return -errno;
+            if (n == 0)
+                return -EPIPE;
+            *consumed += (uint32_t)n;
+        }
+    }
+    if (!(steps & VMEM_MSG_SEND))
+        return 0;
+    if (journal)
+        __atomic_store_n((uint32_t *)(journal + JOURNAL_STEP), reply_len ? VMEM_STEP_SENDING : VMEM_STEP_IDLE,
+                         __ATOMIC_RELEASE);
+    if (!reply_len)
+        return 0;
+    do
+        n = send(sock, reply, reply_len, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return errno == EAGAIN ? 0 : -errno;
+    return (int)n;
 }

@@ -23,6 +23,12 @@ log = logging.getLogger(__name__)
 _WANTED = os.environ.get("VMEMDEV_CRASH_POINT", "")  # read once: set when the process starts
 
 
+def crash_points_armed() -> bool:
+    """Whether any crash point may fire in this process (a test asked for
+    one): code that does several steps in one call then does them one by one."""
+    return bool(_WANTED)
+
+
 def crash_point(name: str) -> None:
     """Die here, as kill -9 would, if $VMEMDEV_CRASH_POINT is "POINTS:MARKER"
     (POINTS: a name, several separated by commas, or "*" for all) and the

@@ -36,8 +36,9 @@ from collections.abc import Callable
 
 import trio
 
-from ..crashpoints import crash_point
+from ..crashpoints import crash_point, crash_points_armed
 from ..errors import PeerError
+from ..host import native
 from ..protocol import vhost_user as vu
 from ..vhost.engine import BackendChannel, Effect, Engine, RingFd, RingRequest, Serve
 from ..vhost.interfaces import Device, GuestMemory
@@ -46,12 +47,13 @@ from . import inflight
 from .keeper import Persistence, SavedAnswer
 from .trace import Tracer
 from .vhost_wire import (
-    PEEK_SIZE,
     ConnectionClosed,
     RefusedMessage,
     close_all,
     consume,
+    finish_message,
     head_message,
+    message_io,
     peek_message,
     read_message,
 )
@@ -62,6 +64,7 @@ log = logging.getLogger(__name__)
 ServeRequest = Callable[[RingRequest], bytes]
 
 READABLE = select.POLLIN
+CRASH_POINTS = crash_points_armed()  # a test kills this process at named instants
 BROKEN = select.POLLERR | select.POLLHUP | select.POLLNVAL
 # Messages that change nothing a successor would need: not saved (GET_CONFIG is hot).
 PART_WAIT_MS = 5  # how often a message sent in pieces is looked at again
@@ -134,7 +137,7 @@ class FrontendConnection:
         self.inflight = persistence.keeper.inflight if persistence is not None else None
         self._redelivered = False  # the next message is one a dead process was applying
         self._resume_notices_owed = False  # a successor's interrupt and config change, once a ring runs
-        self._peek_buffer = bytearray(PEEK_SIZE)
+        self._wire = message_io()  # the peek buffer and the shim's, made once
 
     @property
     def memory(self) -> GuestMemory:
@@ -333,6 +336,9 @@ class FrontendConnection:
             self._notifications_sent += 1
             self._send_config_change()
 
+    def _wait_readable(self) -> None:
+        self._wait(self.sock.fileno(), READABLE)
+
     def _wait(self, fd: int, events: int) -> None:
         """Block until ``fd`` is ready, still answering the Trio side."""
         assert self._wakeup is not None
@@ -349,29 +355,27 @@ class FrontendConnection:
     # --- messages ----------------------------------------------------------------
 
     def _serve_message(self) -> None:
-        """Handle the next message. With a state file it stays on the socket
-        until handled, and the journal (inflight.py) records each step."""
-        if self.inflight is None:  # no successor to leave it to
-            self._serve_unjournaled()
-            return
-        fd = self.sock.fileno()
+        """Handle the next message: peeked, handled, then taken off the socket
+        as its reply goes out (``finish_message``). With a state file the
+        journal (inflight.py) records each step, so a successor finds the
+        message or its reply."""
         try:
-            peeked = peek_message(self.sock, lambda: self._wait(fd, READABLE), self._wait_more,
-                                  self._peek_buffer)
+            peeked = peek_message(self.sock, self._wait_readable, self._wait_more, self._wire)
         except RefusedMessage as exc:
             self._finish(exc.request, exc.length, self._failure(exc.request, exc.flags, exc))
             return
         if peeked is None:  # fds in a piece shorter than the message: read it as it comes
             log.warning("a message whose fds came apart from it: read without a journal")
-            self._serve_unjournaled()
+            self._serve_unpeeked()
             return
         request, flags, payload, fds, length = peeked
         if self.tracer:
             self.tracer.record(True, request, flags, payload, len(fds))
         redelivered, self._redelivered = self._redelivered, False
+        journal = self.inflight
         with self.lock:
-            if request not in READ_ONLY:
-                self.inflight.applying()
+            if journal is not None and request not in READ_ONLY:
+                journal.applying()
             reply = self._dispatch(request, flags, payload, fds, redelivered)
             if request not in READ_ONLY:
                 self.persist()
@@ -379,30 +383,36 @@ class FrontendConnection:
         self._finish(request, length, reply)
 
     def _finish(self, request: int, length: int, reply: bytes | None) -> None:
-        """Take the handled message off the socket and send its reply: the
-        reply is kept in the journal first, so that a successor sends it if
-        this process dies before it has (inflight.py)."""
-        journal = self.inflight
-        assert journal is not None
-        wait = lambda: self._wait(self.sock.fileno(), READABLE)  # noqa: E731
-        if reply is None:
-            consume(self.sock, length, wait, self._peek_buffer)
-            journal.idle()
-            return
-        data = vu.encode_reply(request, reply)
-        journal.owed(request, length, data)
-        crash_point("reply-owed")
-        consume(self.sock, length, wait, self._peek_buffer)
-        crash_point("message-consumed")
-        journal.sending()  # from here on the reply counts as sent: a successor does nothing more
-        self._reply(request, data)
+        """Take the handled message off the socket and send its reply, in one
+        call of the shim: with a state file the reply is kept in the journal
+        first, so that a successor sends it if this process dies before it
+        has (inflight.py)."""
+        data = b"" if reply is None else vu.encode_reply(request, reply)
+        journal = None if self.inflight is None else self.inflight.shim.pointer
+        wait = self._wait_readable
+        if CRASH_POINTS and journal is not None:  # the tests' deaths between the steps
+            steps = [(native.MSG_CONSUME | native.MSG_SEND, "")] if not data else \
+                [(native.MSG_KEEP, "reply-owed"), (native.MSG_CONSUME, "message-consumed"), (native.MSG_SEND, "")]
+            for step, point in steps:
+                sent = finish_message(self.sock, self._wire, journal, request, length, data, wait, step)
+                if point:
+                    crash_point(point)
+        else:
+            sent = finish_message(self.sock, self._wire, journal, request, length, data, wait)
+        if data:
+            if self.tracer:
+                self.tracer.record(False, request, int(vu.REPLY_FLAGS), data[vu.HEADER.size:], 0)
+            if sent < len(data):  # the socket was full
+                self._send_all(data[sent:])
 
     def _reply(self, request: int, data: bytes) -> None:
         if self.tracer:
             self.tracer.record(False, request, int(vu.REPLY_FLAGS), data[vu.HEADER.size:], 0)
         self._send_all(data)
 
-    def _serve_unjournaled(self) -> None:
+    def _serve_unpeeked(self) -> None:
+        """A message read as it comes (``read_message``): taken off before it
+        is handled, so a death here loses it (QEMU never sends one so)."""
         fd = self.sock.fileno()
         try:
             request, flags, payload, fds = read_message(self.sock, lambda: self._wait(fd, READABLE))
@@ -433,7 +443,7 @@ class FrontendConnection:
             self._redelivered = True
         elif step == inflight.OWED:
             if head_message(self.sock) == (request, length):  # the front-end waits: it sent nothing since
-                consume(self.sock, length, lambda: self._wait(self.sock.fileno(), READABLE), self._peek_buffer)
+                consume(self.sock, length, lambda: self._wait(self.sock.fileno(), READABLE), self._wire.data)
             log.warning("sending the reply to %s the dead process owed", vu.request_name(request))
             journal.sending()
             self._reply(request, data)

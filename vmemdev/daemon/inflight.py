@@ -33,6 +33,10 @@ Layout (little-endian, mapped shared: every step is a few stores, which
 survive the process at any instant): magic, the step, the message's
 request and length, the reply's length and crc32, then the reply (whose
 own header names the request and its size again). The step is stored last.
+The message path's stores (OWED, then SENDING or IDLE) are made by the C
+shim in the same call that consumes the message and sends the reply
+(``vhost_wire.finish_message``); the layout and the steps' numbers are
+``native/vmemshim.h``'s too (``tests/test_inflight.py`` holds them equal).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import os
 import struct
 import zlib
 
+from ..host import native
 from ..protocol import vhost_user as vu
 from ..vhost.snapshot import StateError
 
@@ -51,8 +56,6 @@ STEPS = {IDLE: "idle", APPLYING: "applying", OWED: "reply owed", SENDING: "sendi
 HEAD = struct.Struct("<8sIIIII")  # magic, step, request, length, reply length, crc
 STEP = struct.Struct("<I")
 STEP_AT = 8
-FIELDS = struct.Struct("<IIII")  # request, length, reply length, crc32 of the reply
-FIELDS_AT = 12
 MAX_REPLY = vu.HEADER.size + vu.MAX_PAYLOAD
 SIZE = HEAD.size + MAX_REPLY
 
@@ -73,6 +76,7 @@ class InFlight:
             self._map = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
+        self.shim = native.JournalMap(self._map)  # what vhost_wire.finish_message writes through
 
     def read(self) -> tuple[int, int, int, bytes]:
         """(step, request, length, reply) as the last writer left them;
@@ -98,11 +102,11 @@ class InFlight:
         STEP.pack_into(self._map, STEP_AT, APPLYING)
 
     def owed(self, request: int, length: int, reply: bytes) -> None:
-        """Keep ``reply`` to the message (``request``, ``length`` bytes) at the head."""
-        m = self._map
-        m[HEAD.size:HEAD.size + len(reply)] = reply
-        FIELDS.pack_into(m, FIELDS_AT, request, length, len(reply), zlib.crc32(reply))
-        STEP.pack_into(m, STEP_AT, OWED)  # last: until here a successor sees the step before
+        """Keep ``reply`` to the message (``request``, ``length`` bytes) at the
+        head: the reply, its fields, then the step, last (until then a
+        successor sees the step before). The shim's store, as
+        ``vhost_wire.finish_message`` does it on the message path."""
+        native.keep_reply(self.shim, request, length, reply)
 
     def sending(self) -> None:
         STEP.pack_into(self._map, STEP_AT, SENDING)
@@ -111,4 +115,5 @@ class InFlight:
         STEP.pack_into(self._map, STEP_AT, IDLE)
 
     def close(self) -> None:
+        self.shim.release()
         self._map.close()

@@ -5,20 +5,24 @@ A header we cannot trust to find the next message closes the connection
 (``RefusedMessage``) and the stream goes on.
 
 ``peek_message`` reads a message without taking it off the socket (its fds
-come as copies), and ``consume`` takes it off once it has been handled: a
-process that dies in between leaves the message, fds included, for its
-successor, which shares the socket. That is the journal of the message in
-flight (``daemon/inflight.py`` says which step it had reached).
+come as copies), and ``finish_message`` takes it off once it has been
+handled, after keeping its reply in the journal of the message in flight
+(``daemon/inflight.py``, with a state file), then sends the reply: a
+process that dies in between leaves the message, fds included, or its
+reply for its successor, which shares the socket. Both are single calls of
+the C shim (``host/native.py``): a vCPU waits for every GET_CONFIG.
 """
 
 from __future__ import annotations
 
 import array
+import errno
 import os
 import socket
 from collections.abc import Callable, Iterable
 
 from ..errors import PeerError
+from ..host import native
 from ..protocol import vhost_user as vu
 
 FD_BYTES = array.array("i").itemsize
@@ -118,14 +122,18 @@ PEEK_SIZE = vu.HEADER.size + vu.MAX_PAYLOAD + 1
 FD_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * FD_BYTES)
 
 
+def message_io() -> native.MessageIo:
+    """A connection's buffers for ``peek_message`` and ``finish_message``."""
+    return native.MessageIo(PEEK_SIZE, vu.MAX_FDS + 1)  # one more: "too many fds" is seen as such
+
+
 def peek_message(sock: socket.socket, wait_readable: Callable[[], None], wait_more: Callable[[], bool],
-                 buf: bytearray) -> tuple[int, int, bytes, tuple[int, ...], int] | None:
+                 io: native.MessageIo) -> tuple[int, int, bytes, tuple[int, ...], int] | None:
     """The next whole message, left on the socket: (request, flags, payload,
-    fds, length); the fds are ours (copies), ``length`` is what ``consume``
-    takes off once it is handled. ``wait_readable`` blocks until data
-    arrives; ``wait_more`` until more of a partial message may have (True:
-    the front-end has closed its end). ``buf``: PEEK_SIZE bytes to peek
-    into (the caller's, reused: no allocation per message).
+    fds, length); the fds are ours (copies), ``length`` is what
+    ``finish_message`` (or ``consume``) takes off once it is handled.
+    ``wait_readable`` blocks until data arrives; ``wait_more`` until more of
+    a partial message may have (True: the front-end has closed its end).
 
     None: the message's fds came in a piece shorter than the message, which
     a peek cannot see past; read it with ``read_message`` (QEMU sends each
@@ -133,27 +141,32 @@ def peek_message(sock: socket.socket, wait_readable: Callable[[], None], wait_mo
     a refused message carries its length.
     """
     closed = False
+    buf = io.data
+    fd = sock.fileno()
     while True:
-        n, fds, flags = _peek(sock, wait_readable, buf)
+        n = io.peek(fd)
+        if n <= 0:
+            n = _peek_again(n, sock, wait_readable, io)
+        fds = io.fds()
         request = None
         if n >= vu.HEADER.size:
             try:
                 request, msg_flags, size = vu.parse_header(buf)
             except PeerError as exc:
-                close_all(fds)
+                close_all(fds or ())
                 raise ConnectionClosed(f"{exc}; the stream cannot be trusted any more") from exc
             length = vu.HEADER.size + size
             if n > length:  # a peek stops after a piece with fds: these are a later message's
-                close_all(fds)
+                close_all(fds or ())
                 return request, msg_flags, bytes(buf[vu.HEADER.size:length]), (), length
             if n == length:
-                if flags & socket.MSG_CTRUNC or len(fds) > vu.MAX_FDS:
-                    close_all(fds)
+                if fds is None or len(fds) > vu.MAX_FDS:
+                    close_all(fds or ())
                     raise RefusedMessage(request, msg_flags, f"{vu.request_name(request)}: more file "
                                          f"descriptors than {vu.MAX_FDS}", length)
                 return request, msg_flags, bytes(buf[vu.HEADER.size:length]), tuple(fds), length
-        close_all(fds)
-        if fds or flags & socket.MSG_CTRUNC:  # a piece with fds ends before the message does
+        if fds != []:  # a piece with fds ends before the message does
+            close_all(fds or ())
             return None
         if closed:  # and nothing more came since
             if request is None:
@@ -162,36 +175,51 @@ def peek_message(sock: socket.socket, wait_readable: Callable[[], None], wait_mo
         closed = wait_more()
 
 
-def _peek(sock: socket.socket, wait_readable: Callable[[], None], buf: bytearray) -> tuple[int, list[int], int]:
-    """What a peek gives: (bytes in ``buf``, fds, flags). It copies on through
-    the pieces the front-end sent until one that carried fds, whose fds it
-    gives (or until PEEK_SIZE, one more than a message can be: so a peek that
-    ends exactly where the message does was stopped by the message's own
-    fds, or by the end of data)."""
-    while True:
-        try:
-            n, ancdata, flags, _ = sock.recvmsg_into([buf], FD_SPACE, socket.MSG_PEEK | socket.MSG_CMSG_CLOEXEC)
-        except BlockingIOError:
-            wait_readable()
-            continue
-        except OSError as exc:
-            raise ConnectionClosed(f"front-end connection failed: {exc}") from exc
-        fds: list[int] = []
-        _take_fds(ancdata, fds)
-        if not n:
-            close_all(fds)
+def _peek_again(n: int, sock: socket.socket, wait_readable: Callable[[], None], io: native.MessageIo) -> int:
+    """A peek that gave nothing (``n``: 0 or -errno): wait for data and peek
+    again; raises ConnectionClosed when the front-end has closed or failed.
+    A peek copies on through the pieces the front-end sent until one that
+    carried fds (or until PEEK_SIZE, one more than a message can be: so a
+    peek that ends exactly where the message does was stopped by the
+    message's own fds, or by the end of data)."""
+    while n <= 0:
+        if n == 0:
+            close_all(io.fds() or ())
             raise ConnectionClosed("front-end closed the socket")
-        return n, fds, flags
+        if n != -errno.EAGAIN:
+            raise ConnectionClosed(f"front-end connection failed: {os.strerror(-n)}")
+        wait_readable()
+        n = io.peek(sock.fileno())
+    return n
+
+
+def finish_message(sock: socket.socket, io: native.MessageIo, journal: object, request: int,
+                   length: int, reply: bytes, wait_readable: Callable[[], None],
+                   steps: int = native.MSG_ALL) -> int:
+    """The end of a peeked message (``vmem_msg_finish``): its reply kept in
+    the journal (``journal``: the InFlight's ``shim.pointer``, or None), the
+    message taken off the socket, the reply sent; only ``steps`` of these.
+    Returns how much of the reply was sent (the caller sends the rest: the
+    socket was full). Raises ConnectionClosed."""
+    rc = io.finish(sock.fileno(), journal, request, length, reply, steps)
+    if rc >= 0:
+        return rc
+    if steps & native.MSG_CONSUME and io.consumed < length:  # the consume stopped
+        if rc != -errno.EAGAIN:
+            reason = "closed" if rc == -errno.EPIPE else f"failed: {os.strerror(-rc)}"
+            raise ConnectionClosed(f"front-end connection {reason} while a message was taken off")
+        consume(sock, length - io.consumed, wait_readable, io.data)
+        return finish_message(sock, io, journal, request, length, reply, wait_readable, steps & native.MSG_SEND)
+    raise ConnectionClosed(f"cannot answer the front-end: {os.strerror(-rc)}")
 
 
 def consume(sock: socket.socket, length: int, wait_readable: Callable[[], None], buf: bytearray) -> None:
     """Take ``length`` bytes (a message peeked whole) off the socket, read
     into ``buf`` (at least PEEK_SIZE) and dropped. The fds that came with
     them are not received: the kernel closes them."""
-    view = memoryview(buf)
     while length:
         try:
-            n = sock.recv_into(view, length)
+            n = sock.recv_into(buf, length)
         except BlockingIOError:
             wait_readable()
             continue

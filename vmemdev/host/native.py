@@ -26,6 +26,7 @@ import operator
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from errno import E2BIG
+from typing import Any
 
 from ..errors import NativeError
 from ._native import ffi, lib
@@ -45,6 +46,13 @@ __all__ = [
     "inject_fault",
     "load_acquire_u16",
     "publish_used",
+    "MessageIo",
+    "keep_reply",
+    "JournalMap",
+    "MSG_KEEP",
+    "MSG_CONSUME",
+    "MSG_SEND",
+    "MSG_ALL",
 ]
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -278,3 +286,71 @@ load_acquire_u16: Callable[[int], int] = lib.vmem_load_acquire_u16
 """One aligned 16-bit load with acquire ordering."""
 publish_used: Callable[[int, int, int, int, int], None] = lib.vmem_publish_used
 """The used element (address, id, len), then used.idx (address, value) in one 16-bit release store."""
+
+
+# -- vhost-user messages, peeked and finished (daemon/vhost_wire.py) -------------
+# A vCPU waits for every GET_CONFIG's reply: the peek, the journal's stores,
+# the consume and the send are each one C call, with buffers made once per
+# connection (vmemshim.h says what each call does).
+
+MSG_KEEP: int = lib.VMEM_MSG_KEEP
+MSG_CONSUME: int = lib.VMEM_MSG_CONSUME
+MSG_SEND: int = lib.VMEM_MSG_SEND
+MSG_ALL: int = lib.VMEM_MSG_ALL
+JOURNAL_STEPS = {"idle": lib.VMEM_STEP_IDLE, "reply owed": lib.VMEM_STEP_OWED, "sending": lib.VMEM_STEP_SENDING}
+
+
+class JournalMap:
+    """The mapped journal of the message in flight, as the shim writes it
+    (``pointer``). Holds the mapping exported until ``release`` (the mmap
+    cannot be closed before)."""
+
+    def __init__(self, mapping: mmap.mmap):
+        self.pointer: Any = ffi.from_buffer("uint8_t[]", mapping, require_writable=True)
+
+    def release(self) -> None:
+        ffi.release(self.pointer)
+        self.pointer = ffi.NULL
+
+
+def keep_reply(journal: JournalMap, request: int, length: int, reply: bytes) -> None:
+    """``vmem_msg_finish``'s first step alone: ``reply`` kept in the journal, step OWED."""
+    lib.vmem_msg_finish(-1, journal.pointer, request, length, reply, len(reply), MSG_KEEP, ffi.NULL)
+
+
+class MessageIo:
+    """One connection's buffers for ``vmem_msg_peek`` and ``vmem_msg_finish``."""
+
+    def __init__(self, size: int, max_fds: int):
+        self.data = bytearray(size)  # what the last peek read
+        self.size, self.max_fds = size, max_fds
+        self._buf = ffi.from_buffer("uint8_t[]", self.data, require_writable=True)
+        self._fds = ffi.new("int[]", max_fds)
+        self._nfds = ffi.new("uint32_t *")
+        self._consumed = ffi.new("uint32_t *")
+
+    def peek(self, sock: int) -> int:
+        """Bytes peeked into ``data``, or -errno; then ``fds()``."""
+        n: int = lib.vmem_msg_peek(sock, self._buf, self.size, self._fds, self.max_fds, self._nfds)
+        return n
+
+    def fds(self) -> list[int] | None:
+        """The fds the last peek gave (now the caller's); None: more than
+        ``max_fds`` came (the shim closed them all)."""
+        count = self._nfds[0]
+        if not count:
+            return []
+        fds: list[int] | None = None if count > self.max_fds else ffi.unpack(self._fds, count)
+        return fds
+
+    def finish(self, sock: int, journal: Any, request: int, length: int, reply: bytes,
+               steps: int = MSG_ALL) -> int:
+        """``vmem_msg_finish`` (``journal``: a JournalMap's pointer, or None)."""
+        rc: int = lib.vmem_msg_finish(sock, journal or ffi.NULL, request, length, reply, len(reply), steps,
+                                      self._consumed)
+        return rc
+
+    @property
+    def consumed(self) -> int:
+        """What the last ``finish`` took off the socket."""
+        return int(self._consumed[0])
