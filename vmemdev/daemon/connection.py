@@ -379,7 +379,8 @@ class FrontendConnection:
             reply = self._dispatch(request, flags, payload, fds, redelivered)
             if request not in READ_ONLY:
                 self.persist()
-        crash_point("message-applied")
+        if CRASH_POINTS:
+            crash_point("message-applied")
         self._finish(request, length, reply)
 
     def _finish(self, request: int, length: int, reply: bytes | None) -> None:
@@ -624,7 +625,8 @@ class FrontendConnection:
                                   SavedAnswer(index, request.head, request.data, response, used_after))
             except OSError as exc:
                 log.error("cannot save the connection state (%s): a restart now would lose it", exc)
-            crash_point("answer-saved")  # decided and saved, not yet in the used ring
+            if CRASH_POINTS:
+                crash_point("answer-saved")  # decided and saved, not yet in the used ring
         return response
 
     # --- config-change notifications (backend channel) ---------------------------------
