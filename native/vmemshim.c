@@ -304,18 +304,3 @@ int vmem_msg_finish(int sock, uint8_t *journal, uint32_t request, uint32_t lengt
         return errno == EAGAIN ? 0 : -errno;
     return (int)n;
 }
-
-
-/* --- the device record's per-request save (see vmemshim.h) -------------------- */
-
-void vmem_record_slot(uint8_t *map, uint32_t slot_at, const char *payload, uint32_t payload_len,
-                      uint32_t window_len, uint64_t bitmap_at, int steps)
-{
-    if (steps & VMEM_RECORD_PAYLOAD)
-        memcpy(map + slot_at + 4, payload, payload_len);
-    if (steps & VMEM_RECORD_CRC) /* slots start at 4-byte boundaries */
-        __atomic_store_n((uint32_t *)(map + slot_at), crc32((const uint8_t *)payload, payload_len),
-                         __ATOMIC_RELEASE);
-    if ((steps & VMEM_RECORD_WINDOW) && window_len)
-        memcpy(map + bitmap_at, payload + payload_len - window_len, window_len);
-}

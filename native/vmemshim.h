@@ -78,14 +78,4 @@ enum { VMEM_STEP_IDLE = 0, VMEM_STEP_OWED = 2, VMEM_STEP_SENDING = 3 };
 int vmem_msg_finish(int sock, uint8_t *journal, uint32_t request, uint32_t length, const char *reply,
                     uint32_t reply_len, int steps, uint32_t *consumed);
 
-/* The per-request save of the device record (vmemdev/daemon/devrecord.py
- * has the layout and why this order), the steps named in `steps`:
- * RECORD_PAYLOAD: payload_len bytes into the slot at map + slot_at, after
- * its 4-byte crc; RECORD_CRC: the crc32 of the payload, a release store;
- * RECORD_WINDOW: the payload's last window_len bytes (the bitmap bytes the
- * request changed) copied to map + bitmap_at. */
-enum { VMEM_RECORD_PAYLOAD = 1, VMEM_RECORD_CRC = 2, VMEM_RECORD_WINDOW = 4, VMEM_RECORD_ALL = 7 };
-void vmem_record_slot(uint8_t *map, uint32_t slot_at, const char *payload, uint32_t payload_len,
-                      uint32_t window_len, uint64_t bitmap_at, int steps);
-
 #endif

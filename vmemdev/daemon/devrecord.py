@@ -25,8 +25,7 @@ Layout (little-endian; format ``FORMAT``)::
 A save (``DeviceRecordFile.answer``) writes the slot that does not hold the newest record: its payload
 (seq = newest + 1, the sizes, the answer, and the bitmap bytes the change
 touched, the "window"), then its crc32 (of the whole payload, seq included),
-and only then copies the window into the bitmap: one call of the C shim
-(``vmem_record_slot``), as a vCPU waits for the answer. So at every instant:
+and only then copies the window into the bitmap. So at every instant:
 
 - payload being written: the slot's old crc does not match it; the other
   slot is the newest valid record, and the bitmap is exactly its state;
@@ -60,7 +59,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..host import native
 from ..vhost.snapshot import StateError
 from ..virtio_mem.model import DeviceRecord
 
@@ -79,7 +77,6 @@ SLOT_ROOM = SLOT_SIZE - CRC.size - SLOT.size  # for request + response + window 
 NO_WINDOW, WINDOW_BYTES, WINDOW_ZEROS = 0, 1, 2
 BITMAP_OFFSET = HEADER_SIZE + SLOTS * SLOT_SIZE
 _pack_slot, _pack_crc, _crc32 = SLOT.pack, CRC.pack, zlib.crc32  # the per-request path's
-_record_slot, _ALL = native.record_slot, native.RECORD_ALL
 _SLOT_OFFSETS = tuple(HEADER_SIZE + i * SLOT_SIZE for i in range(SLOTS))
 
 
@@ -148,7 +145,6 @@ class DeviceRecordFile:
     def __init__(self, path: str, fd: int, size: int, seq: int, slot: int, changes: int):
         self.path = path
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._shim = native.SharedMapping(self._map)  # the per-request save's stores are the shim's
         self.seq = seq  # of the newest record
         self._slot = slot  # where it is
         self.changes = changes  # the device's DeviceRecord.changes when the newest record was taken
@@ -195,35 +191,20 @@ class DeviceRecordFile:
             return False
         target = self._slot ^ 1
         offset = _SLOT_OFFSETS[target]
-        if kind == WINDOW_ZEROS:  # UNPLUG_ALL's: the zeros are not in the payload
-            self._store_zeros(offset, payload, first, length, crash)
-        elif crash is None:  # the payload, its crc (last: from here it is the newest), the window
-            _record_slot(self._shim.pointer, offset, payload, end - 4, length, BITMAP_OFFSET + first, _ALL)
-        else:  # the same, step by step, to die between them
-            pointer, bitmap_at = self._shim.pointer, BITMAP_OFFSET + first
-            _record_slot(pointer, offset, payload, end - 4, length, bitmap_at, native.RECORD_PAYLOAD)
-            crash("record-payload")
-            _record_slot(pointer, offset, payload, end - 4, length, bitmap_at, native.RECORD_CRC)
-            if length:
-                crash("record-crc")
-            _record_slot(pointer, offset, payload, end - 4, length, bitmap_at, native.RECORD_WINDOW)
-        self.seq, self._slot, self.changes = seq, target, changes
-        return True
-
-    def _store_zeros(self, offset: int, payload: bytes, first: int, length: int,
-                     crash: Callable[[str], None] | None) -> None:
         m = self._map
-        m[offset + 4:offset + 4 + len(payload)] = payload
+        m[offset + 4:offset + end] = payload  # the payload; then its crc, last
         if crash is not None:
             crash("record-payload")
         m[offset:offset + 4] = _pack_crc(_crc32(payload))
-        if crash is not None:
-            crash("record-crc")
-        start = BITMAP_OFFSET + first
-        m[start:start + length] = bytes(length)
+        self.seq, self._slot, self.changes = seq, target, changes
+        if kind:
+            if crash is not None:
+                crash("record-crc")
+            start = BITMAP_OFFSET + first
+            m[start:start + length] = data if kind == WINDOW_BYTES else bytes(length)
+        return True
 
     def close(self) -> None:
-        self._shim.release()
         self._map.close()
 
 

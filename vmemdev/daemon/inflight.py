@@ -76,7 +76,7 @@ class InFlight:
             self._map = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        self.shim = native.SharedMapping(self._map)  # what vhost_wire.finish_message writes through
+        self.shim = native.JournalMap(self._map)  # what vhost_wire.finish_message writes through
 
     def read(self) -> tuple[int, int, int, bytes]:
         """(step, request, length, reply) as the last writer left them;

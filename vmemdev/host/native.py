@@ -48,12 +48,7 @@ __all__ = [
     "publish_used",
     "MessageIo",
     "keep_reply",
-    "record_slot",
-    "RECORD_ALL",
-    "RECORD_PAYLOAD",
-    "RECORD_CRC",
-    "RECORD_WINDOW",
-    "SharedMapping",
+    "JournalMap",
     "MSG_KEEP",
     "MSG_CONSUME",
     "MSG_SEND",
@@ -305,10 +300,10 @@ MSG_ALL: int = lib.VMEM_MSG_ALL
 JOURNAL_STEPS = {"idle": lib.VMEM_STEP_IDLE, "reply owed": lib.VMEM_STEP_OWED, "sending": lib.VMEM_STEP_SENDING}
 
 
-class SharedMapping:
-    """A file mapped shared that the shim writes into (``pointer``): the
-    journal of the message in flight, the device record. Holds the mapping
-    exported until ``release`` (the mmap cannot be closed before)."""
+class JournalMap:
+    """The mapped journal of the message in flight, as the shim writes it
+    (``pointer``). Holds the mapping exported until ``release`` (the mmap
+    cannot be closed before)."""
 
     def __init__(self, mapping: mmap.mmap):
         self.pointer: Any = ffi.from_buffer("uint8_t[]", mapping, require_writable=True)
@@ -318,7 +313,7 @@ class SharedMapping:
         self.pointer = ffi.NULL
 
 
-def keep_reply(journal: SharedMapping, request: int, length: int, reply: bytes) -> None:
+def keep_reply(journal: JournalMap, request: int, length: int, reply: bytes) -> None:
     """``vmem_msg_finish``'s first step alone: ``reply`` kept in the journal, step OWED."""
     lib.vmem_msg_finish(-1, journal.pointer, request, length, reply, len(reply), MSG_KEEP, ffi.NULL)
 
@@ -350,7 +345,7 @@ class MessageIo:
 
     def finish(self, sock: int, journal: Any, request: int, length: int, reply: bytes,
                steps: int = MSG_ALL) -> int:
-        """``vmem_msg_finish`` (``journal``: a SharedMapping's pointer, or None)."""
+        """``vmem_msg_finish`` (``journal``: a JournalMap's pointer, or None)."""
         rc: int = lib.vmem_msg_finish(sock, journal or ffi.NULL, request, length, reply, len(reply), steps,
                                       self._consumed)
         return rc
@@ -359,14 +354,3 @@ class MessageIo:
     def consumed(self) -> int:
         """What the last ``finish`` took off the socket."""
         return int(self._consumed[0])
-
-
-# -- the device record's per-request save (daemon/devrecord.py) -------------------
-
-RECORD_PAYLOAD: int = lib.VMEM_RECORD_PAYLOAD
-RECORD_CRC: int = lib.VMEM_RECORD_CRC
-RECORD_WINDOW: int = lib.VMEM_RECORD_WINDOW
-RECORD_ALL: int = lib.VMEM_RECORD_ALL
-record_slot: Callable[[Any, int, bytes, int, int, int, int], None] = lib.vmem_record_slot
-"""(a SharedMapping's pointer, slot offset, payload, its length, window length, bitmap offset, steps):
-a slot's payload, then its crc32, then the window into the bitmap (no argument checks: devrecord's)."""
