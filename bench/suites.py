@@ -338,6 +338,53 @@ def _trio_idle_rss() -> dict:
         stop_process(p)
 
 
+def request_loops(rc: C.RingClient, fsock: socket.socket, size: int, gmsg: bytes) -> dict:
+    """The timed loops of one attached daemon: kind -> f(n) -> n samples (ns).
+    ``size``: its region, plugged by nothing else."""
+    reply_size = 12 + 12 + 56
+    blk = ADDR + size - BLOCK  # a block nobody touches: plug/unplug do no memory work
+
+    def check_config(reply: bytes):
+        if len(reply) != reply_size or reply[:4] != gmsg[:4]:
+            raise BenchError(f"GET_CONFIG reply {reply[:16].hex()}...")
+
+    nblocks = size // BLOCK
+    plugged = [0]  # blocks plugged from the region's start
+
+    def ring_loop(kind):
+        def f(n):
+            out = []
+            _gc_off()
+            try:
+                if kind == "STATE":
+                    for _ in range(n):
+                        out.append(rc.ack(C.STATE, ADDR, 1))
+                elif kind == "PLUG":
+                    # Distinct blocks, one per request; when all are plugged an
+                    # untimed UNPLUG_ALL (nothing populated) starts over.
+                    for _ in range(n):
+                        if plugged[0] == nblocks:
+                            rc.ack(C.UNPLUG_ALL)
+                            plugged[0] = 0
+                        out.append(rc.ack(C.PLUG, ADDR + plugged[0] * BLOCK, 1))
+                        plugged[0] += 1
+                else:  # UNPLUG of a plugged, never-touched block: punch in a worker thread
+                    if plugged[0] == nblocks:
+                        rc.ack(C.UNPLUG_ALL)
+                        plugged[0] = 0
+                    for _ in range(n):
+                        rc.ack(C.PLUG, blk, 1)
+                        out.append(rc.ack(C.UNPLUG, blk, 1))
+            finally:
+                gc.enable()
+            return out
+        return f
+
+    return {"STATE": ring_loop("STATE"), "PLUG (no prealloc)": ring_loop("PLUG"),
+            "UNPLUG (unpopulated block)": ring_loop("UNPLUG"),
+            "GET_CONFIG": lambda n: C.socket_roundtrips(fsock, gmsg, reply_size, n, check_config)}
+
+
 def roundtrips(run: Run) -> dict:
     rounds, per_round = (3, 200) if run.quick else (20, 500)
     h = run.helper
@@ -345,7 +392,6 @@ def roundtrips(run: Run) -> dict:
     res: dict = {}
     # The far sides of the baselines, each its own process.
     gmsg = C.get_config_message()
-    reply_size = 12 + 12 + 56
     efd = {k: _eventfd_pair() for k in ("c", "py", "trio", "trio2")}
     sp = {k: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for k in ("c", "py", "trio")}
     for ours, _ in sp.values():
@@ -368,53 +414,12 @@ def roundtrips(run: Run) -> dict:
                 rc = C.RingClient(fe)
                 fsock = C.frontend_socket(fe)
                 idle_attached = d.status()
-                blk = ADDR + size - BLOCK  # a block nobody touches: plug/unplug do no memory work
-
-                def check_config(reply: bytes):
-                    if len(reply) != reply_size or reply[:4] != gmsg[:4]:
-                        raise BenchError(f"GET_CONFIG reply {reply[:16].hex()}...")
-
-                nblocks = size // BLOCK
-                plugged = [0]  # blocks plugged from the region's start
-
-                def ring_loop(kind):
-                    def f(n):
-                        out = []
-                        _gc_off()
-                        try:
-                            if kind == "STATE":
-                                for _ in range(n):
-                                    out.append(rc.ack(C.STATE, ADDR, 1))
-                            elif kind == "PLUG":
-                                # Distinct blocks, one per request; when all are plugged an
-                                # untimed UNPLUG_ALL (nothing populated) starts over.
-                                for _ in range(n):
-                                    if plugged[0] == nblocks:
-                                        rc.ack(C.UNPLUG_ALL)
-                                        plugged[0] = 0
-                                    out.append(rc.ack(C.PLUG, ADDR + plugged[0] * BLOCK, 1))
-                                    plugged[0] += 1
-                            else:  # UNPLUG of a plugged, never-touched block: punch in a worker thread
-                                if plugged[0] == nblocks:
-                                    rc.ack(C.UNPLUG_ALL)
-                                    plugged[0] = 0
-                                for _ in range(n):
-                                    rc.ack(C.PLUG, blk, 1)
-                                    out.append(rc.ack(C.UNPLUG, blk, 1))
-                        finally:
-                            gc.enable()
-                        return out
-                    return f
-
                 loops = {
-                    "STATE": ring_loop("STATE"),
-                    "PLUG (no prealloc)": ring_loop("PLUG"),
-                    "UNPLUG (unpopulated block)": ring_loop("UNPLUG"),
+                    **request_loops(rc, fsock, size, gmsg),
                     PP_C: lambda n: C.eventfd_pingpong(*efd["c"], n),
                     PP_PY: lambda n: C.eventfd_pingpong(*efd["py"], n),
                     PP_TRIO: lambda n: C.eventfd_pingpong(*efd["trio"], n),
                     PP_TRIO2: lambda n: C.eventfd_pingpong(*efd["trio2"], n),
-                    "GET_CONFIG": lambda n: C.socket_roundtrips(fsock, gmsg, reply_size, n, check_config),
                     SE_C: lambda n: C.socket_roundtrips(sp["c"][0], gmsg, len(gmsg), n),
                     SE_PY: lambda n: C.socket_roundtrips(sp["py"][0], gmsg, len(gmsg), n),
                     SE_TRIO: lambda n: C.socket_roundtrips(sp["trio"][0], gmsg, len(gmsg), n),

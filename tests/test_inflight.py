@@ -43,6 +43,16 @@ def test_the_shim_and_the_journal_agree_on_the_steps():
                                     "sending": inflight.SENDING}
 
 
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 56, 68, 200, vu.MAX_PAYLOAD])
+def test_the_shims_kept_reply_passes_zlibs_crc(path, size):
+    """The shim computes the kept reply's crc32 itself; the reader checks it with zlib's."""
+    writer = inflight.InFlight(path)
+    reply = vu.encode_reply(24, bytes(i * 7 % 251 for i in range(size)))
+    writer.owed(24, 80, reply)
+    assert inflight.InFlight(path).read() == (inflight.OWED, 24, 80, reply)
+    writer.close()
+
+
 def _peeked(front: socket.socket, back: socket.socket, io, message: bytes) -> int:
     front.sendall(message)
     peeked = vhost_wire.peek_message(back, lambda: None, lambda: False, io)
