@@ -41,7 +41,7 @@ from pathlib import Path
 
 from . import client as C
 from .common import Daemon, GiB, lat_summary
-from .suites import _pin, in_sessions, placements, request_loops
+from .suites import in_sessions, place, placements, request_loops, rotated
 
 KINDS = ("STATE", "PLUG (no prealloc)", "UNPLUG (unpopulated block)", "GET_CONFIG")
 # kind -> (lowest, highest) median ratio that meets issue 12's target
@@ -77,20 +77,14 @@ def measure(rounds: int, per_round: int, state_dir: str, control: bool, durable_
             pids = (first.pid, second.pid)
             try:
                 for r in range(rounds):
-                    for pl in pnames[r % len(pnames):] + pnames[:r % len(pnames)]:
-                        ours, theirs = places[pl]
-                        os.sched_setaffinity(0, ours)
-                        for pid in pids:
-                            _pin(pid, theirs)
-                        for k in names[r % len(names):] + names[:r % len(names)]:
-                            for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
+                    for pl in rotated(pnames, r):
+                        place(places[pl], pids)
+                        for k in rotated(names, r):
+                            for side in rotated(list(SIDES), r):
                                 samples[(pl, k, side, r)] += loops[side][k](per_round)
                 saved = os.path.exists(state + ".dev")  # the durable side really saved (before it detaches)
             finally:
-                allowed = every["unpinned"]
-                os.sched_setaffinity(0, allowed[0])
-                for pid in pids:
-                    _pin(pid, allowed[1])
+                place(every["unpinned"], pids)
                 for fsock in socks:
                     fsock.close()
             return places, samples, saved

@@ -43,12 +43,15 @@ journal adds to the vCPU-bound config read.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 
 from vmemdev.daemon import devrecord, keeper
 from vmemdev.vhost.snapshot import EngineRecord
@@ -141,17 +144,18 @@ def measure(region: int, n: int, rounds: int, directory: str) -> dict[str, float
 KINDS = ("PLUG", "STATE", "UNPLUG")  # --drain: in this order, 256 of each, over again
 
 
-def drain(persist: bool, n: int, directory: str) -> list[float]:
-    """Median µs of _drain for each of KINDS."""
-    import gc
+@contextlib.contextmanager
+def _connection(persist: bool, directory: str) -> Iterator[tuple]:
+    """The daemon's engine, device (fake host: no punch) and connection in
+    this process, after QEMU's handshake, on one end of a socketpair, with a
+    state file in ``directory`` when ``persist``: yields (connection, device,
+    guest RAM, ring, the socketpair's other end)."""
     import logging
     import socket
 
     from bench import phases
     from vmemdev.daemon.connection import FrontendConnection
     from vmemdev.host.fake import FakeHost
-    from vmemdev.protocol import virtio_mem as vm
-    from vmemdev.protocol.virtqueue import DESC_F_NEXT, DESC_F_WRITE
     from vmemdev.virtio_mem.device import VirtioMem
 
     logging.disable(logging.WARNING)
@@ -169,99 +173,87 @@ def drain(persist: bool, n: int, directory: str) -> list[float]:
     tmp = tempfile.TemporaryDirectory(dir=directory)
     persistence = None
     if persist:
-        model = device.model
         persistence = keeper.Persistence(
-            keeper.ConnectionKeeper(os.path.join(tmp.name, "bench.state")), record=model.to_record)
+            keeper.ConnectionKeeper(os.path.join(tmp.name, "bench.state")), record=device.model.to_record)
     conn = FrontendConnection(a, device, engine.memory, serve, persistence=persistence)
     conn.engine = engine
     conn.persist(fds=False)
-    resp = ram.alloc(16, 8)
-    kinds = tuple(vm.RequestType[k] for k in KINDS)
-    reqs = {}
-    for kind in kinds:
-        for block in range(256):
-            r = ram.alloc(32, 8)
-            ram.write(r, vm.MemRequest(kind, ADDR + block * 2 * MiB, 1).pack())
-            reqs[kind, block] = r
-    samples: list[list[int]] = [[] for _ in kinds]
-    fds = conn.rings[0]
-    cycle = 256 * len(kinds)
-    n = -(-n // cycle) * cycle  # whole cycles: the blocks end unplugged
-    gc.disable()
     try:
-        for i in range(n):
-            phase = (i // 256) % len(kinds)
-            ring.write_desc(0, reqs[kinds[phase], i % 256], vm.REQUEST_SIZE, DESC_F_NEXT, 1)
-            ring.write_desc(1, resp, vm.RESPONSE_SIZE, DESC_F_WRITE, 0)
-            ring.publish(0)
-            t = ns()
-            conn._drain(fds)
-            samples[phase].append(ns() - t)
-            assert ring.pop_used() is not None
+        yield conn, device, ram, ring, b
     finally:
-        gc.enable()
-    assert device.model.plugged_size == 0
-    if persistence is not None:
-        persistence.keeper.forget()
-    conn.close()
-    b.close()
-    ram.close()
-    tmp.cleanup()
+        if persistence is not None:
+            persistence.keeper.forget()
+        conn.close()
+        b.close()
+        ram.close()
+        tmp.cleanup()
+
+
+def drain(persist: bool, n: int, directory: str) -> list[float]:
+    """Median µs of _drain for each of KINDS."""
+    from vmemdev.protocol import virtio_mem as vm
+    from vmemdev.protocol.virtqueue import DESC_F_NEXT, DESC_F_WRITE
+
+    with _connection(persist, directory) as (conn, device, ram, ring, _):
+        resp = ram.alloc(16, 8)
+        kinds = tuple(vm.RequestType[k] for k in KINDS)
+        reqs = {}
+        for kind in kinds:
+            for block in range(256):
+                r = ram.alloc(32, 8)
+                ram.write(r, vm.MemRequest(kind, ADDR + block * 2 * MiB, 1).pack())
+                reqs[kind, block] = r
+        samples: list[list[int]] = [[] for _ in kinds]
+        fds = conn.rings[0]
+        cycle = 256 * len(kinds)
+        n = -(-n // cycle) * cycle  # whole cycles: the blocks end unplugged
+        gc.disable()
+        try:
+            for i in range(n):
+                phase = (i // 256) % len(kinds)
+                ring.write_desc(0, reqs[kinds[phase], i % 256], vm.REQUEST_SIZE, DESC_F_NEXT, 1)
+                ring.write_desc(1, resp, vm.RESPONSE_SIZE, DESC_F_WRITE, 0)
+                ring.publish(0)
+                t = ns()
+                conn._drain(fds)
+                samples[phase].append(ns() - t)
+                assert ring.pop_used() is not None
+        finally:
+            gc.enable()
+        assert device.model.plugged_size == 0
     return [statistics.median(s) / 1000 for s in samples]
 
 
 def message(persist: bool, n: int, directory: str) -> float:
     """Median µs of _serve_message for a GET_CONFIG."""
-    import gc
-    import logging
-    import socket
-
-    from bench import phases
-    from vmemdev.daemon.connection import FrontendConnection
-    from vmemdev.host.fake import FakeHost
     from vmemdev.protocol import vhost_user as vu
     from vmemdev.protocol import virtio_mem as vm
-    from vmemdev.virtio_mem.device import VirtioMem
 
-    logging.disable(logging.WARNING)
-    phases.VirtioMem = lambda g, r, host: VirtioMem(g, r, host=FakeHost(), memmap_observe=False)  # type: ignore
-    engine, device, ram, _ = phases._attached()
-    a, b = socket.socketpair()
-    tmp = tempfile.TemporaryDirectory(dir=directory)
-    persistence = None
-    if persist:
-        persistence = keeper.Persistence(
-            keeper.ConnectionKeeper(os.path.join(tmp.name, "bench.state")), record=device.model.to_record)
-    conn = FrontendConnection(a, device, engine.memory, lambda request: b"", persistence=persistence)
-    conn.engine = engine
-    if persist:
-        conn.persist(fds=False)
     get_config = vu.encode(vu.Request.GET_CONFIG, vu.encode_config(0, bytes(vm.CONFIG_SIZE)))
-    samples = []
-    gc.disable()
-    try:
-        for _ in range(n):
-            b.sendall(get_config)
-            t = ns()
-            conn._serve_message()
-            samples.append(ns() - t)
-            reply = b.recv(4096)
-    finally:
-        gc.enable()
-    assert reply[:4] == get_config[:4] and len(reply) == len(get_config), reply
-    if persistence is not None:
-        persistence.keeper.forget()
-    conn.close()
-    b.close()
-    ram.close()
-    tmp.cleanup()
+    with _connection(persist, directory) as (conn, _, _, _, peer):
+        samples = []
+        gc.disable()
+        try:
+            for _ in range(n):
+                peer.sendall(get_config)
+                t = ns()
+                conn._serve_message()
+                samples.append(ns() - t)
+                reply = peer.recv(4096)
+        finally:
+            gc.enable()
+        assert reply[:4] == get_config[:4] and len(reply) == len(get_config), reply
     return statistics.median(samples) / 1000
 
 
-def main_message(args: argparse.Namespace) -> int:
-    print(f"# python -m bench.durable_record --message --n {args.n} --rounds {args.rounds} --dir {args.dir}")
+def _header(args: argparse.Namespace, mode: str) -> None:
+    print(f"# python -m bench.durable_record{mode} --n {args.n} --rounds {args.rounds} --dir {args.dir}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, Python {platform.python_version()}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+
+
+def main_message(args: argparse.Namespace) -> int:
+    _header(args, " --message")
     print("| round | GET_CONFIG without µs | GET_CONFIG with µs | + µs |")
     print("|---|---|---|---|")
     plus = []
@@ -275,9 +267,7 @@ def main_message(args: argparse.Namespace) -> int:
 
 
 def main_drain(args: argparse.Namespace) -> int:
-    print(f"# python -m bench.durable_record --drain --n {args.n} --rounds {args.rounds} --dir {args.dir}")
-    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, Python {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+    _header(args, " --drain")
     print("| round | " + " | ".join(f"{k} without µs | {k} with µs | + µs" for k in KINDS) + " |")
     print("|---" * (1 + 3 * len(KINDS)) + "|")
     plus: list[list[float]] = [[] for _ in KINDS]
@@ -305,9 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         return main_drain(args)
     if args.message:
         return main_message(args)
-    print(f"# python -m bench.durable_record --n {args.n} --rounds {args.rounds} --dir {args.dir}")
-    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, Python {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+    _header(args, "")
     rows = []
     for label, region in (("1 GiB", GiB), ("1 TiB", TiB), ("16 TiB", 16 * TiB)):
         rows.append((label, measure(region, args.n, args.rounds, args.dir)))

@@ -309,6 +309,19 @@ def _pin(pid: int, cpus: set[int]) -> None:
             pass
 
 
+def rotated(items: list, r: int) -> list:
+    """``items`` from the r-th on, then the rest: each round starts elsewhere."""
+    i = r % len(items)
+    return items[i:] + items[:i]
+
+
+def place(cpus: tuple[set[int], set[int]], pids) -> None:
+    """This thread on ``cpus[0]``, every thread of ``pids`` on ``cpus[1]``."""
+    os.sched_setaffinity(0, cpus[0])
+    for pid in pids:
+        _pin(pid, cpus[1])
+
+
 def placements() -> dict[str, tuple[set[int], set[int]]]:
     """name -> (CPUs of the measuring thread, CPUs of the daemon / echo process)."""
     allowed = sorted(os.sched_getaffinity(0))
@@ -433,17 +446,12 @@ def roundtrips(run: Run) -> dict:
                 names, pnames = list(loops), list(places)
                 try:
                     for r in range(rounds):
-                        for pl in pnames[r % len(pnames):] + pnames[:r % len(pnames)]:
-                            ours, theirs = places[pl]
-                            os.sched_setaffinity(0, ours)
-                            for pid in pids:
-                                _pin(pid, theirs)
-                            for k in names[r % len(names):] + names[:r % len(names)]:
+                        for pl in rotated(pnames, r):
+                            place(places[pl], pids)
+                            for k in rotated(names, r):
                                 samples[(pl, k)] += loops[k](per_round)
                 finally:
-                    os.sched_setaffinity(0, places["unpinned"][0])
-                    for pid in pids:
-                        _pin(pid, places["unpinned"][1])
+                    place(places["unpinned"], pids)
                 after = d.status()
                 daemon_stats = d.control("query-stats")
                 fsock.close()
