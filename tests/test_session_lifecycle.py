@@ -123,3 +123,29 @@ async def test_simulated_guest_follows_resizes(attached, nursery):
                 await trio.sleep(0.01)
         assert fe.dimm_allocated() <= size
     guest.check_contents()
+
+
+async def test_the_simulated_guest_keeps_nothing_in_a_range_it_is_unplugging(attached):
+    """Linux moves its data out of a range before it sends the UNPLUG, so a
+    check of the guest's memory while the UNPLUG is answered (the device's
+    plugged size already lower, the guest not yet told) finds no block the
+    daemon has discarded: the toolkit's guest gives the range up first."""
+    service, fe = attached
+    guest = SimulatedLinuxGuest(fe)
+    await guest.probe()
+    service.resize(256 * MiB)
+    await guest.reconcile()
+    unplug, checked = fe.unplug, []
+
+    async def unplug_then_check(addr, nb_blocks):
+        resp = await unplug(addr, nb_blocks)
+        assert service.device.plugged_size < 256 * MiB  # the daemon has discarded the range
+        guest.check_contents()
+        checked.append(resp)
+        return resp
+
+    fe.unplug = unplug_then_check
+    service.resize(128 * MiB)
+    await guest.reconcile()
+    assert checked == [ACK] and service.device.plugged_size == 128 * MiB
+    guest.check_contents()

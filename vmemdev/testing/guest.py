@@ -162,11 +162,17 @@ class SimulatedLinuxGuest:
         while n < want and top - n >= floor and top - n in self.plugged:
             n += 1
         start = top - n + 1
+        # Linux offlines the range (moves its data away) before it asks: from
+        # here the guest keeps nothing there, whatever the answer.
+        self.plugged.difference_update(range(start, start + n))
         resp = await self.fe.unplug(self._block_gpa(start), n)
         if resp == ResponseType.ACK:
-            self.plugged.difference_update(range(start, start + n))
             self._removed(start // chunk)
             return True
+        self.plugged.update(range(start, start + n))  # still plugged: onlined again, written afresh
+        if self.touch:
+            for i in range(start, start + n):
+                self._write_block(i)
         return self._not_acked("UNPLUG", resp)
 
     def _removed(self, memory_block: int) -> None:
