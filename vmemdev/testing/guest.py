@@ -3,7 +3,10 @@
 It reacts to the device as drivers/virtio/virtio_mem.c does in sub-block
 mode: UNPLUG_ALL at probe when something is plugged, plugs toward
 requested_size in requests of at most one Linux memory block (128 MiB),
-lowest addresses first, unplugs from the top when requested falls, retries
+lowest addresses first, unplugs from the top when requested falls (keeping
+nothing in a range from the moment it asks to unplug it: Linux takes the
+range's pages out of use first, its data moved elsewhere, and gives them
+back unused when the UNPLUG is refused), retries
 NACK by re-reading config, backs off on BUSY, and stops for good on ERROR
 ("device marked broken"). Plugged memory is written like RAM a guest uses,
 so the host footprint is real.
@@ -162,14 +165,14 @@ class SimulatedLinuxGuest:
         while n < want and top - n >= floor and top - n in self.plugged:
             n += 1
         start = top - n + 1
-        # Linux offlines the range (moves its data away) before it asks: from
-        # here the guest keeps nothing there, whatever the answer.
+        # Linux takes the range's pages out of use (moves their data away)
+        # before it asks: from here the guest keeps nothing there.
         self.plugged.difference_update(range(start, start + n))
         resp = await self.fe.unplug(self._block_gpa(start), n)
         if resp == ResponseType.ACK:
             self._removed(start // chunk)
             return True
-        self.plugged.update(range(start, start + n))  # still plugged: onlined again, written afresh
+        self.plugged.update(range(start, start + n))  # still plugged: back in use, written afresh
         if self.touch:
             for i in range(start, start + n):
                 self._write_block(i)
