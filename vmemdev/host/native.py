@@ -1,4 +1,5 @@
-"""The one native façade: every raw memory syscall vmemdev makes goes through here.
+"""The one native façade: every raw memory syscall vmemdev makes goes through here,
+and the vhost-user message path's socket calls and journal stores (at the end).
 
 Why it exists:
 
