@@ -38,7 +38,7 @@ import trio
 
 from ..crashpoints import crash_point, crash_points_armed
 from ..errors import PeerError
-from ..host import native
+from ..host import messages
 from ..protocol import vhost_user as vu
 from ..vhost.engine import BackendChannel, Effect, Engine, RingFd, RingRequest, Serve
 from ..vhost.interfaces import Device, GuestMemory
@@ -392,8 +392,8 @@ class FrontendConnection:
         journal = None if self.inflight is None else self.inflight.shim.pointer
         wait = self._wait_readable
         if CRASH_POINTS and journal is not None:  # the tests' deaths between the steps
-            steps = [(native.MSG_CONSUME | native.MSG_SEND, "")] if not data else \
-                [(native.MSG_KEEP, "reply-owed"), (native.MSG_CONSUME, "message-consumed"), (native.MSG_SEND, "")]
+            steps = [(messages.MSG_CONSUME | messages.MSG_SEND, "")] if not data else \
+                [(messages.MSG_KEEP, "reply-owed"), (messages.MSG_CONSUME, "message-consumed"), (messages.MSG_SEND, "")]
             for step, point in steps:
                 sent = finish_message(self.sock, self._wire, journal, request, length, data, wait, step)
                 if point:

@@ -46,7 +46,7 @@ import os
 import struct
 import zlib
 
-from ..host import native
+from ..host import messages
 from ..protocol import vhost_user as vu
 from ..vhost.snapshot import StateError
 
@@ -76,7 +76,7 @@ class InFlight:
             self._map = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        self.shim = native.JournalMap(self._map)  # what vhost_wire.finish_message writes through
+        self.shim = messages.JournalMap(self._map)  # what vhost_wire.finish_message writes through
 
     def read(self) -> tuple[int, int, int, bytes]:
         """(step, request, length, reply) as the last writer left them;
@@ -106,7 +106,7 @@ class InFlight:
         head: the reply, its fields, then the step, last (until then a
         successor sees the step before). The shim's store, as
         ``vhost_wire.finish_message`` does it on the message path."""
-        native.keep_reply(self.shim, request, length, reply)
+        messages.keep_reply(self.shim, request, length, reply)
 
     def sending(self) -> None:
         STEP.pack_into(self._map, STEP_AT, SENDING)

@@ -10,7 +10,7 @@ handled, after keeping its reply in the journal of the message in flight
 (``daemon/inflight.py``, with a state file), then sends the reply: a
 process that dies in between leaves the message, fds included, or its
 reply for its successor, which shares the socket. Both are single calls of
-the C shim (``host/native.py``): a vCPU waits for every GET_CONFIG.
+the C shim (``host/messages.py``): a vCPU waits for every GET_CONFIG.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import socket
 from collections.abc import Callable, Iterable
 
 from ..errors import PeerError
-from ..host import native
+from ..host import messages
 from ..protocol import vhost_user as vu
 
 FD_BYTES = array.array("i").itemsize
@@ -122,13 +122,13 @@ PEEK_SIZE = vu.HEADER.size + vu.MAX_PAYLOAD + 1
 FD_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * FD_BYTES)
 
 
-def message_io() -> native.MessageIo:
+def message_io() -> messages.MessageIo:
     """A connection's buffers for ``peek_message`` and ``finish_message``."""
-    return native.MessageIo(PEEK_SIZE, vu.MAX_FDS + 1)  # one more: "too many fds" is seen as such
+    return messages.MessageIo(PEEK_SIZE, vu.MAX_FDS + 1)  # one more: "too many fds" is seen as such
 
 
 def peek_message(sock: socket.socket, wait_readable: Callable[[], None], wait_more: Callable[[], bool],
-                 io: native.MessageIo) -> tuple[int, int, bytes, tuple[int, ...], int] | None:
+                 io: messages.MessageIo) -> tuple[int, int, bytes, tuple[int, ...], int] | None:
     """The next whole message, left on the socket: (request, flags, payload,
     fds, length); the fds are ours (copies), ``length`` is what
     ``finish_message`` (or ``consume``) takes off once it is handled.
@@ -175,7 +175,7 @@ def peek_message(sock: socket.socket, wait_readable: Callable[[], None], wait_mo
         closed = wait_more()
 
 
-def _peek_again(n: int, sock: socket.socket, wait_readable: Callable[[], None], io: native.MessageIo) -> int:
+def _peek_again(n: int, sock: socket.socket, wait_readable: Callable[[], None], io: messages.MessageIo) -> int:
     """A peek that gave nothing (``n``: 0 or -errno): wait for data and peek
     again; raises ConnectionClosed when the front-end has closed or failed.
     A peek copies on through the pieces the front-end sent until one that
@@ -193,9 +193,9 @@ def _peek_again(n: int, sock: socket.socket, wait_readable: Callable[[], None], 
     return n
 
 
-def finish_message(sock: socket.socket, io: native.MessageIo, journal: object, request: int,
+def finish_message(sock: socket.socket, io: messages.MessageIo, journal: object, request: int,
                    length: int, reply: bytes, wait_readable: Callable[[], None],
-                   steps: int = native.MSG_ALL) -> int:
+                   steps: int = messages.MSG_ALL) -> int:
     """The end of a peeked message (``vmem_msg_finish``): its reply kept in
     the journal (``journal``: the InFlight's ``shim.pointer``, or None), the
     message taken off the socket, the reply sent; only ``steps`` of these.
@@ -204,12 +204,12 @@ def finish_message(sock: socket.socket, io: native.MessageIo, journal: object, r
     rc = io.finish(sock.fileno(), journal, request, length, reply, steps)
     if rc >= 0:
         return rc
-    if steps & native.MSG_CONSUME and io.consumed < length:  # the consume stopped
+    if steps & messages.MSG_CONSUME and io.consumed < length:  # the consume stopped
         if rc != -errno.EAGAIN:
             reason = "closed" if rc == -errno.EPIPE else f"failed: {os.strerror(-rc)}"
             raise ConnectionClosed(f"front-end connection {reason} while a message was taken off")
         consume(sock, length - io.consumed, wait_readable, io.data)
-        return finish_message(sock, io, journal, request, length, reply, wait_readable, steps & native.MSG_SEND)
+        return finish_message(sock, io, journal, request, length, reply, wait_readable, steps & messages.MSG_SEND)
     raise ConnectionClosed(f"cannot answer the front-end: {os.strerror(-rc)}")
 
 
